@@ -459,6 +459,8 @@ def gathered_for_generation(model: nn.Module):
     from torch.distributed.fsdp import FSDPModule
 
     mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if mods:  # the root must be lazily initialised first, or the layers would each become a root
+        mods[0]._get_fsdp_state()._lazy_init()
     for m in mods:
         m.unshard()
         m.set_reshard_after_forward(False, recurse=False)
