@@ -348,7 +348,7 @@ def _chunk_logprobs(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, temp
 
 
 def selective_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                       temperature: float = 1.0, chunk_size: int = 1024):
+                       temperature: float = 1.0, chunk_size: int = 512):
     """log p(labels[b, t] | prefix) and the entropy of p, only where labels != IGNORE.
 
     hidden: [B, T, H] final hidden states (already aligned: position t predicts labels[b, t])
@@ -392,7 +392,7 @@ class LogProbModel(nn.Module):
     generation and save_pretrained.
     """
 
-    def __init__(self, lm: nn.Module, chunk_size: int = 1024):
+    def __init__(self, lm: nn.Module, chunk_size: int = 512):
         super().__init__()
         self.lm = lm
         self.chunk_size = chunk_size

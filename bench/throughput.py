@@ -1,0 +1,168 @@
+"""
+Benchmark: training throughput and MFU of the shared training path on this machine.
+
+1. Measures the machine's dense matmul peak (square matmuls, sized up until one takes a while) in
+   fp32 and bf16 on the chosen device.
+2. Runs a few optimizer steps of C.LogProbModel + C.masked_ce_loss + AdamW (C.make_optimizer /
+   C.optimizer_step) on random tokens, every position trained, precision from C.resolve_dtype
+   (autocast: bf16 only where the hardware has it), and prints tokens/s, peak memory and
+   MFU = 6 * n_params * tokens/s / measured matmul peak of the compute dtype.
+   n_params counts every parameter once (the tied embedding once, as the output projection);
+   6 N FLOPs per token ignores attention's T^2 term, as usual.
+
+    python bench/throughput.py                                          # embedded model, batch 2, seq 256
+    python bench/throughput.py --model tiny --batch 8 --seq 512 --steps 5
+    python bench/throughput.py --device cuda --batch 16 --seq 2048      # on a GPU
+
+The first step is a warm-up and is not timed. It asserts nothing: it is a benchmark.
+"""
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common as C  # noqa: E402
+
+
+@dataclass
+class Config:
+    model: str = C.arg(C.EMBEDDED, "tiny | smollm2-135m-instruct | a local HF dir")
+    batch: int = C.arg(2, "sequences per step")
+    seq: int = C.arg(256, "tokens per sequence")
+    steps: int = C.arg(3, "timed optimizer steps (after one warm-up step)")
+    device: str = C.arg("auto", "auto | cpu | cuda")
+    precision: str = C.arg("auto", "auto | bf16 | fp32 (auto: bf16 where native, else fp32)")
+    activation_checkpointing: bool = C.arg(False, "recompute decoder layers in the backward")
+    matmul_budget_s: float = C.arg(2.0, "seconds spent measuring the matmul peak, per dtype")
+    seed: int = C.arg(0, "seed")
+
+
+# ----------------------------------------------------------------------------------------------
+# Matmul peak
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, budget_s: float) -> tuple[float, int]:
+    """Best FLOP/s of an n x n x n matmul (2 n^3 FLOPs); n doubles until one matmul takes
+    budget/8 (so emulated bf16 on a CPU without it stays small), then repeats for ~budget/2."""
+    max_n = 16384 if device.type == "cuda" else 4096
+    n, best, dt = 128, 0.0, 0.0
+    while True:
+        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+        a @ b  # warm-up
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        dt = time.perf_counter() - t0
+        best = max(best, 2 * n ** 3 / dt)
+        if dt > budget_s / 8 or n >= max_n:
+            break
+        n *= 2
+    reps = max(1, int(budget_s / 2 / max(dt, 1e-9)))
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t0))
+    return best, n
+
+
+# ----------------------------------------------------------------------------------------------
+# Peak memory
+
+
+def reset_peak_memory(device: torch.device) -> int:
+    """Reset the peak tracker; returns the memory in use now (bytes)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    try:  # peak RSS (VmHWM) := current RSS (Linux >= 4.0)
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    return _status_kb("VmRSS") * 1024
+
+
+def peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return _status_kb("VmHWM") * 1024
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Training steps
+
+
+def main(argv=None):
+    cfg = C.parse_config(Config, argv)
+    d = C.init_distributed(cfg.device)
+    dev = d.device
+    dtype = C.resolve_dtype(cfg.precision, dev)
+    C.set_seed(cfg.seed)
+    print(f"device {dev}  compute dtype {dtype}  threads {torch.get_num_threads()}  "
+          f"native bf16 on this CPU: {C.cpu_has_native_bf16()}", flush=True)
+
+    peaks = {}
+    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        flops, n = matmul_peak(dev, dt, cfg.matmul_budget_s)
+        peaks[dt] = flops
+        print(f"matmul peak {name}: {flops / 1e9:10.1f} GFLOP/s  (n = {n})", flush=True)
+
+    model, tok = C.load_model_and_tokenizer(cfg.model, cfg.seed)
+    policy = C.shard_model(C.LogProbModel(model), d, dtype, cfg.activation_checkpointing)
+    opt = C.make_optimizer(policy, 1e-5, 0.0)
+    n_params = sum(p.numel() for p in policy.parameters())
+    g = torch.Generator().manual_seed(cfg.seed)
+    V = model.get_input_embeddings().weight.shape[0]
+    print(f"model {cfg.model}: {n_params / 1e6:.2f}M parameters, batch {cfg.batch} x seq {cfg.seq}", flush=True)
+
+    def step():
+        ids = torch.randint(0, V, (cfg.batch, cfg.seq), generator=g).to(dev)
+        with C.autocast(dev, dtype):
+            out = policy(ids, ids)
+        loss = C.masked_ce_loss(out["logp"], ids, C.count_trained(ids))
+        loss.backward()
+        C.optimizer_step(policy, opt, 1e-5, 1.0)
+        return float(loss.detach())
+
+    base = reset_peak_memory(dev)
+    step()  # warm-up (allocates the optimizer state)
+    sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(cfg.steps):
+        loss = step()
+    sync(dev)
+    elapsed = time.perf_counter() - t0
+    peak = peak_memory(dev)
+
+    tokens_per_s = cfg.batch * cfg.seq * cfg.steps / elapsed
+    achieved = 6 * n_params * tokens_per_s
+    gib = 2 ** 30
+    print(f"loss {loss:.3f}  {elapsed / cfg.steps:.2f} s/step", flush=True)
+    print(f"tokens/s        {tokens_per_s:10.1f}")
+    print(f"peak memory     {peak / gib:10.2f} GiB ({'allocated by torch' if dev.type == 'cuda' else 'RSS'}; "
+          f"+{(peak - base) / gib:.2f} GiB over the loaded model)")
+    print(f"achieved        {achieved / 1e9:10.1f} GFLOP/s (6 N tokens/s)")
+    print(f"MFU             {100 * achieved / peaks[dtype]:10.1f} %  of the measured {dtype} matmul peak "
+          f"({peaks[dtype] / 1e9:.1f} GFLOP/s)")
+    C.cleanup_distributed(d)
+
+
+if __name__ == "__main__":
+    main()

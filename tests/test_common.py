@@ -1,0 +1,804 @@
+"""Unit tests of common.py against slow, obvious references (float64, loops) and hand-computed cases.
+
+Tiny model and byte-level tokenizer unless marked slow (slow = the real SmolLM2 tokenizer).
+"""
+import json
+import math
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import common as C  # noqa: E402
+
+IGNORE = C.IGNORE
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared CPU thread spin-waits make them 40x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return C.tiny_tokenizer()
+
+
+@pytest.fixture
+def lm(tok):
+    return C.tiny_model(tok, seed=0)
+
+
+def chat_ids(tok, messages, **kw):
+    """The tokenizer's own render+tokenise (a BatchEncoding in transformers 5, a list in older ones)."""
+    out = tok.apply_chat_template(messages, tokenize=True, **kw)
+    return list(out["input_ids"]) if hasattr(out, "keys") else list(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Log-probabilities: selective / chunked path vs the naive float64 full log-softmax
+
+
+def naive_logprobs(hidden, weight, labels, temperature):
+    """float64 reference: full [B, T, V] log_softmax, gather, entropy; 0 where IGNORE."""
+    logits = (hidden.double() @ weight.double().t()) / temperature
+    lsm = logits.log_softmax(-1)
+    mask = labels != IGNORE
+    logp = lsm.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1) * mask
+    entropy = -(lsm.exp() * lsm).sum(-1) * mask
+    return logp, entropy
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 1.6])
+@pytest.mark.parametrize("chunk_size", [3, 1024])
+def test_selective_logprobs_exact_and_gradients(temperature, chunk_size):
+    g = torch.Generator().manual_seed(0)
+    B, T, H, V = 3, 7, 16, 50
+    hidden = torch.randn(B, T, H, generator=g, requires_grad=True)
+    weight = torch.randn(V, H, generator=g, requires_grad=True)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, :3] = IGNORE
+    labels[2, -2:] = IGNORE
+    labels[1, 4] = IGNORE
+    n_sel = int((labels != IGNORE).sum())
+    assert chunk_size == 1024 or n_sel > 3 * chunk_size  # several chunks, the last one partial
+
+    logp, entropy = C.selective_logprobs(hidden, weight, labels, temperature, chunk_size)
+    ref_logp, ref_ent = naive_logprobs(hidden, weight, labels, temperature)
+    assert logp.dtype == torch.float32 and logp.shape == (B, T)
+    torch.testing.assert_close(logp.double(), ref_logp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(entropy.double(), ref_ent, atol=1e-5, rtol=0)
+    assert (logp[labels == IGNORE] == 0).all() and (entropy[labels == IGNORE] == 0).all()
+
+    w = torch.randn(B, T, generator=g)  # an arbitrary linear loss on the log-probs
+    gh, gw = torch.autograd.grad((logp * w).sum(), (hidden, weight))
+    rh, rw = torch.autograd.grad((ref_logp * w.double()).sum(), (hidden, weight))
+    torch.testing.assert_close(gh, rh, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gw, rw, atol=1e-5, rtol=1e-5)
+    assert (gh[labels == IGNORE] == 0).all()
+
+
+def test_selective_logprobs_all_ignored_and_no_grad():
+    hidden, weight = torch.randn(2, 4, 8), torch.randn(11, 8)
+    labels = torch.full((2, 4), IGNORE)
+    logp, ent = C.selective_logprobs(hidden, weight, labels)
+    assert logp.shape == (2, 4) and (logp == 0).all() and (ent == 0).all()
+    labels[1, 2] = 5
+    with torch.no_grad():
+        logp, _ = C.selective_logprobs(hidden, weight, labels)
+    ref = torch.log_softmax(hidden[1, 2].double() @ weight.double().t(), -1)[5]
+    assert abs(float(logp[1, 2]) - float(ref)) < 1e-5
+
+
+def naive_model_logprobs(lm, ids, labels, temperature, position_ids=None):
+    """float64 reference through the HF model's own full logits."""
+    logits = lm(input_ids=ids, position_ids=position_ids).logits.double() / temperature
+    lsm = logits[:, :-1].log_softmax(-1)
+    y = labels[:, 1:]
+    mask = y != IGNORE
+    logp = lsm.gather(-1, y.clamp(min=0)[..., None]).squeeze(-1) * mask
+    ent = -(lsm.exp() * lsm).sum(-1) * mask
+    zero = logp.new_zeros(ids.shape[0], 1)
+    return torch.cat([zero, logp], 1), torch.cat([zero, ent], 1)
+
+
+@pytest.mark.parametrize("temperature,chunk_size", [(1.0, 1024), (0.7, 4)])
+def test_logprob_model_matches_naive(lm, temperature, chunk_size):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 259, (2, 12), generator=g)
+    labels = ids.clone()
+    labels[:, :4] = IGNORE  # a prompt
+    labels[1, 9] = IGNORE
+    policy = C.LogProbModel(lm, chunk_size=chunk_size)
+    out = policy(ids, labels, temperature=temperature, return_hidden=True)
+    ref_logp, ref_ent = naive_model_logprobs(lm, ids, labels, temperature)
+    assert out["logp"].shape == (2, 12) and out["hidden"].shape == (2, 12, lm.config.hidden_size)
+    assert (out["logp"][:, 0] == 0).all()
+    torch.testing.assert_close(out["logp"].double(), ref_logp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out["entropy"].double(), ref_ent, atol=1e-5, rtol=0)
+
+    params = [p for p in lm.parameters()]
+    w = torch.rand(2, 12, generator=g)
+    got = torch.autograd.grad(-(out["logp"] * w).sum(), params)
+    want = torch.autograd.grad(-(ref_logp * w.double()).sum(), params)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_masked_ce_loss_and_count_trained():
+    logp = torch.tensor([[0.0, -1.0, -2.0, -3.0], [0.0, -0.5, -0.25, -4.0]])
+    labels = torch.tensor([[5, 6, IGNORE, 7], [5, IGNORE, 8, 9]])  # position 0 is never predicted
+    assert C.count_trained(labels) == 4
+    loss = C.masked_ce_loss(logp, labels, n_tokens=8)
+    assert float(loss) == pytest.approx((1.0 + 3.0 + 0.25 + 4.0) / 8)
+
+
+# ----------------------------------------------------------------------------------------------
+# Chat tokenisation and masks, checked on decoded text
+
+
+def trained_pieces(tok, ids, labels):
+    """Decoded text of every maximal run of trained tokens (labels must equal ids there)."""
+    pieces, cur = [], []
+    for t, l in zip(ids, labels):
+        if l != IGNORE:
+            assert l == t
+            cur.append(t)
+        elif cur:
+            pieces.append(tok.decode(cur))
+            cur = []
+    if cur:
+        pieces.append(tok.decode(cur))
+    return pieces
+
+
+def assistant_text(m):
+    """What the assistant wrote in a message, in the documented fallback format for tool calls."""
+    content = m.get("content") or ""
+    calls = [C.format_tool_call(c["function"]["name"], c["function"]["arguments"]) for c in m.get("tool_calls", [])]
+    return (content + "\n" if content and calls else content) + "\n".join(calls)
+
+
+def expected_pieces(tok, messages):
+    end = tok.eos_token  # <|im_end|>
+    return [assistant_text(m) + end for m in messages if m["role"] == "assistant" and m.get("train", True)]
+
+
+SINGLE = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "2 + 3 = 5."}]
+MULTI = [{"role": "system", "content": "You are terse."},
+         {"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."},
+         {"role": "user", "content": "Another one, please."}, {"role": "assistant", "content": "Green, of course!"},
+         {"role": "user", "content": "Thanks"}, {"role": "assistant", "content": "You're welcome."}]
+PLAIN = {"single": SINGLE, "multi": MULTI, "system": MULTI[:3]}
+
+
+def check_plain_conversations(tok):
+    for name, msgs in PLAIN.items():
+        r = C.tokenize_chat(tok, msgs)
+        assert len(r["input_ids"]) == len(r["labels"])
+        # the ids are exactly the tokenizer's own chat template tokenisation
+        assert r["input_ids"] == chat_ids(tok, msgs), name
+        assert tok.decode(r["input_ids"]) == tok.apply_chat_template(msgs, tokenize=False)
+        assert trained_pieces(tok, r["input_ids"], r["labels"]) == expected_pieces(tok, msgs), name
+        # nothing of the system / user text is trained
+        untrained = tok.decode([t for t, l in zip(r["input_ids"], r["labels"]) if l == IGNORE])
+        for m in msgs:
+            if m["role"] != "assistant":
+                assert m["content"] in untrained
+        # prompt ids: the render up to the assistant header is a prefix of the full ids
+        prompt = C.chat_prompt_ids(tok, msgs[:-1])
+        assert r["input_ids"][:len(prompt)] == prompt
+        assert prompt == chat_ids(tok, msgs[:-1], add_generation_prompt=True)
+
+
+def check_tool_traces(tok, n_rows=3):
+    rows = C.read_jsonl(ROOT / "data" / "agent_train.jsonl", required=("messages", "tools"))[:n_rows]
+    for row in rows:
+        msgs = row["messages"]
+        assert any(m.get("tool_calls") for m in msgs) and any(m["role"] == "tool" for m in msgs)
+        r = C.tokenize_chat(tok, msgs, row["tools"])
+        assert trained_pieces(tok, r["input_ids"], r["labels"]) == expected_pieces(tok, msgs)
+        untrained = tok.decode([t for t, l in zip(r["input_ids"], r["labels"]) if l == IGNORE])
+        for m in msgs:
+            if m["role"] == "tool":
+                assert f"<|im_start|>tool\n{m['content']}<|im_end|>" in untrained  # tool output: not trained
+        for t in row["tools"]:
+            assert t["function"]["description"] in untrained  # schemas in the system message
+        assert C.TOOL_CALL_OPEN in tok.decode(C.chat_prompt_ids(tok, msgs[:2], row["tools"]))
+
+
+def check_segments(tok):
+    end = tok.eos_token
+    msgs = [{"role": "user", "content": "What is 6 * 7?"},
+            {"role": "assistant", "segments": [{"text": "6 * 7 = 48.\nWait, that is wrong.\n", "train": False},
+                                               {"text": "6 * 7 = 42.", "train": True}]}]
+    r = C.tokenize_chat(tok, msgs)
+    assert trained_pieces(tok, r["input_ids"], r["labels"]) == ["6 * 7 = 42." + end]
+    assert "6 * 7 = 48." in tok.decode(r["input_ids"])  # the untrained segment is still in the context
+    # a trained segment, an untrained one, a trained one
+    msgs[1]["segments"] = [{"text": "Try: 48.\n", "train": True}, {"text": "No.\n", "train": False},
+                           {"text": "It is 42.", "train": True}]
+    r = C.tokenize_chat(tok, msgs)
+    assert trained_pieces(tok, r["input_ids"], r["labels"]) == ["Try: 48.\n", "It is 42." + end]
+    # a whole assistant message marked train: false (e.g. a demonstration turn) is context only
+    msgs = MULTI[:3] + [{**MULTI[3]}, {**MULTI[4], "train": False}] + MULTI[5:]
+    r = C.tokenize_chat(tok, msgs)
+    assert trained_pieces(tok, r["input_ids"], r["labels"]) == ["Blue." + end, "You're welcome." + end]
+    assert r["input_ids"] == chat_ids(tok, MULTI)
+
+
+def test_tokenize_chat_plain_tiny(tok):
+    check_plain_conversations(tok)
+
+
+def test_tokenize_chat_tool_traces_tiny(tok):
+    check_tool_traces(tok)
+
+
+def test_tokenize_chat_segments_tiny(tok):
+    check_segments(tok)
+
+
+@pytest.fixture(scope="module")
+def smol_tok():
+    return C.load_tokenizer(C.EMBEDDED)
+
+
+@pytest.mark.slow
+def test_tokenize_chat_plain_smollm2(smol_tok):
+    assert smol_tok.eos_token == "<|im_end|>" and smol_tok.pad_token_id == smol_tok.eos_token_id
+    check_plain_conversations(smol_tok)
+
+
+@pytest.mark.slow
+def test_tokenize_chat_tool_traces_smollm2(smol_tok):
+    check_tool_traces(smol_tok)
+
+
+@pytest.mark.slow
+def test_tokenize_chat_segments_smollm2(smol_tok):
+    check_segments(smol_tok)
+
+
+def test_show_masked(tok):
+    r = C.tokenize_chat(tok, SINGLE)
+    shown = C.show_masked(tok, r["input_ids"], r["labels"])
+    assert shown.endswith("<|im_start|>assistant\n[[2 + 3 = 5.<|im_end|>]]\n")
+    assert shown.count("[[") == 1
+
+
+def test_tokenizer_without_chat_template_fails_clearly(tmp_path):
+    tok = C.tiny_tokenizer()
+    tok.chat_template = None
+    with pytest.raises(ValueError, match="chat template"):
+        C.tokenize_chat(tok, SINGLE)
+    # the same when loading a saved model whose tokenizer has no template
+    C.tiny_model(tok).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="chat template"):
+        C.load_model_and_tokenizer(str(tmp_path))
+
+
+def test_tokenize_chat_rejects_unknown_role(tok):
+    with pytest.raises(C.DataError, match="role"):
+        C.tokenize_chat(tok, [{"role": "narrator", "content": "x"}])
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading data: errors name the file and line
+
+
+def test_read_jsonl_good_and_blank_lines(tmp_path):
+    p = tmp_path / "ok.jsonl"
+    p.write_text('{"question": "q1", "answer": "1"}\n\n{"question": "q2", "answer": "2"}\n')
+    rows = C.read_jsonl(p, required=("question", "answer"))
+    assert rows == [{"question": "q1", "answer": "1"}, {"question": "q2", "answer": "2"}]
+
+
+def test_read_jsonl_malformed_line(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"question": "q1", "answer": "1"}\n{"question": "q2", "answer": \n')
+    with pytest.raises(C.DataError, match=r"bad\.jsonl:2: malformed JSON"):
+        C.read_jsonl(p)
+
+
+def test_read_jsonl_missing_field(tmp_path):
+    p = tmp_path / "missing.jsonl"
+    p.write_text('{"question": "q1", "answer": "1"}\n{"question": "q2", "answer": "2"}\n{"question": "q3"}\n')
+    with pytest.raises(C.DataError, match=r"missing\.jsonl:3: missing field.*answer"):
+        C.read_jsonl(p, required=("question", "answer"))
+
+
+def test_read_jsonl_not_an_object(tmp_path):
+    p = tmp_path / "list.jsonl"
+    p.write_text('{"a": 1}\n[1, 2]\n')
+    with pytest.raises(C.DataError, match=r"list\.jsonl:2: expected a JSON object"):
+        C.read_jsonl(p)
+
+
+@pytest.mark.parametrize("content", ["", "\n\n  \n"])
+def test_read_jsonl_empty_file(tmp_path, content):
+    p = tmp_path / "empty.jsonl"
+    p.write_text(content)
+    with pytest.raises(C.DataError, match=r"empty\.jsonl.*empty"):
+        C.read_jsonl(p)
+
+
+def test_read_jsonl_missing_file(tmp_path):
+    with pytest.raises(C.DataError, match="not found"):
+        C.read_jsonl(tmp_path / "nope.jsonl")
+
+
+def test_read_json_list_file(tmp_path):
+    p = tmp_path / "rows.json"
+    p.write_text(json.dumps([{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "d", "chosen": "e"}], indent=1))
+    with pytest.raises(C.DataError, match=r"rows\.json:2: missing field.*rejected"):
+        C.read_jsonl(p, required=("prompt", "chosen", "rejected"))
+    assert C.read_jsonl(p, required=("prompt",))[1] == {"prompt": "d", "chosen": "e"}
+    p.write_text('[{"prompt": "a"},\n {"prompt": }]')
+    with pytest.raises(C.DataError, match=r"rows\.json:2: malformed JSON"):
+        C.read_jsonl(p)
+    p.write_text("[]")
+    with pytest.raises(C.DataError, match="empty"):
+        C.read_jsonl(p)
+
+
+# ----------------------------------------------------------------------------------------------
+# Lengths, packing, collation
+
+
+def sample(n, n_prompt=0, start=10):
+    ids = list(range(start, start + n))
+    return {"input_ids": ids, "labels": [IGNORE] * n_prompt + ids[n_prompt:]}
+
+
+def test_fit_length_drop_and_truncate():
+    samples = [sample(3), sample(5), sample(8, 2), sample(9, 6)]  # the last: all trained tokens beyond 5
+    kept, n = C.fit_length(samples, 5, "drop")
+    assert n == 2 and [len(s["input_ids"]) for s in kept] == [3, 5]
+    kept, n = C.fit_length(samples, 5, "truncate")
+    assert n == 2  # two over-long samples; the one with nothing left to train is dropped
+    assert [len(s["input_ids"]) for s in kept] == [3, 5, 5]
+    assert kept[2] == {"input_ids": samples[2]["input_ids"][:5], "labels": samples[2]["labels"][:5]}
+    assert samples[2]["input_ids"] == list(range(10, 18))  # the input is not modified
+    with pytest.raises(ValueError, match="drop or truncate"):
+        C.fit_length(samples, 5, "wrap")
+
+
+def test_pack_rows_and_collate():
+    samples = [sample(3, 1, 10), sample(4, 2, 20), sample(2, 0, 30), sample(5, 1, 40)]
+    rows = C.pack_rows(samples, 8, packing=True)
+    assert [len(r["input_ids"]) for r in rows] == [7, 7]
+    assert rows[0]["position_ids"] == [0, 1, 2, 0, 1, 2, 3]
+    assert rows[1]["input_ids"] == [30, 31, 40, 41, 42, 43, 44]
+    # each sample's first token has no prefix: never trained (packed, it would be predicted from
+    # the previous sample's last token)
+    assert rows[1]["labels"] == [IGNORE, 31, IGNORE, 41, 42, 43, 44]
+    assert rows[0]["labels"] == [IGNORE, 11, 12, IGNORE, IGNORE, 22, 23]
+    unpacked = C.pack_rows(samples, 8, packing=False)
+    assert len(unpacked) == 4 and [r["position_ids"] for r in unpacked][1] == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="fit_length"):
+        C.pack_rows([sample(9)], 8)
+
+    b = C.collate(unpacked, pad_id=2)
+    assert b["input_ids"].shape == (4, 5) and b["input_ids"].dtype == torch.long
+    assert b["input_ids"][2].tolist() == [30, 31, 2, 2, 2]
+    assert b["labels"][2].tolist() == [IGNORE, 31, IGNORE, IGNORE, IGNORE]
+    assert b["position_ids"][2].tolist() == [0, 1, 2, 3, 4]
+    b = C.collate(rows, pad_id=2, pad_to=9)
+    assert b["input_ids"].shape == (2, 9)
+    assert b["position_ids"][0].tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 5]
+    assert b["labels"][0, 7:].tolist() == [IGNORE, IGNORE]
+
+
+def chat_samples(tok, n=6):
+    rows = C.read_jsonl(ROOT / "data" / "chat_train.jsonl", required=("messages",))[:n]
+    return [C.tokenize_chat(tok, r["messages"]) for r in rows]
+
+
+def summed_logp(policy, rows, pad_id):
+    b = C.collate(rows, pad_id)
+    out = policy(b["input_ids"], b["labels"], position_ids=b["position_ids"])
+    return float((out["logp"] * (b["labels"] != IGNORE)).sum()), C.count_trained(b["labels"])
+
+
+def test_packing_gives_the_same_loss(tok, lm):
+    samples, _ = C.fit_length(chat_samples(tok), 256, "truncate")
+    samples += [sample(9, 0, 40), sample(5, 0, 120)]  # fully trained, first token included
+    policy = C.LogProbModel(lm).eval()
+    packed = C.pack_rows(samples, 512, packing=True)
+    unpacked = C.pack_rows(samples, 512, packing=False)
+    assert len(packed) < len(unpacked)
+    with torch.no_grad():
+        lp_packed, n_packed = summed_logp(policy, packed, tok.pad_token_id)
+        lp_unpacked, n_unpacked = summed_logp(policy, unpacked, tok.pad_token_id)
+        # and one sample at a time, no padding at all
+        lp_single = sum(summed_logp(policy, [s], tok.pad_token_id)[0] for s in samples)
+    assert n_packed == n_unpacked == sum(C.count_trained(torch.tensor([s["labels"]])) for s in samples)
+    assert lp_packed == pytest.approx(lp_unpacked, rel=1e-5)
+    assert lp_packed == pytest.approx(lp_single, rel=1e-5)
+
+
+def test_packed_samples_do_not_attend_each_other(lm):
+    policy = C.LogProbModel(lm).eval()
+    a, b = sample(6, 0, 10), sample(5, 0, 100)
+    a2 = {"input_ids": [250 - i for i in range(6)], "labels": [250 - i for i in range(6)]}
+    with torch.no_grad():
+        outs = []
+        for first in (a, a2):
+            batch = C.collate(C.pack_rows([first, b], 16), pad_id=2)
+            assert batch["input_ids"].shape[0] == 1
+            outs.append(policy(batch["input_ids"], batch["labels"], position_ids=batch["position_ids"])["logp"][0])
+    assert not torch.allclose(outs[0][:6], outs[1][:6])  # sample A changed
+    assert outs[0][6] == outs[1][6] == 0  # B's first token is not "predicted" from A's last one
+    torch.testing.assert_close(outs[0][6:], outs[1][6:], atol=1e-6, rtol=0)  # sample B did not change
+
+
+# ----------------------------------------------------------------------------------------------
+# Data order and work split
+
+
+def test_epoch_stream_indices_deterministic_and_resumable():
+    n = 7
+    full = C.epoch_stream_indices(n, 0, 30, seed=3)
+    assert full == C.epoch_stream_indices(n, 0, 30, seed=3)
+    assert full != C.epoch_stream_indices(n, 0, 30, seed=4)
+    for cut in (0, 5, 7, 13):  # resume anywhere, also mid-epoch
+        assert C.epoch_stream_indices(n, 0, cut, 3) + C.epoch_stream_indices(n, cut, 30 - cut, 3) == full
+    for e in range(4):  # every full epoch is a permutation
+        assert sorted(full[e * n:(e + 1) * n]) == list(range(n))
+    assert full[:n] != full[n:2 * n]  # epochs are reshuffled
+    with pytest.raises(ValueError):
+        C.epoch_stream_indices(0, 0, 1, 0)
+
+
+@pytest.mark.parametrize("world,mbs", [(1, 2), (2, 2), (3, 1), (4, 3)])
+def test_rank_micro_batches_cover_the_step(world, mbs):
+    rows = list(range(12))
+    per_rank = [C.rank_micro_batches(rows, C.Dist(rank=r, world_size=world), mbs) for r in range(world)]
+    accum = 12 // (world * mbs)
+    assert all(len(m) == accum and all(len(mb) == mbs for mb in m) for m in per_rank)
+    got = sorted(x for m in per_rank for mb in m for x in mb)
+    assert got == rows  # every row of the step exactly once
+    with pytest.raises(ValueError, match="divisible"):
+        C.rank_micro_batches(list(range(10)), C.Dist(rank=0, world_size=world), 4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimisation
+
+
+def test_lr_at_warmup_and_cosine():
+    peak, total, warm, m = 1e-3, 110, 10, 0.1
+    assert C.lr_at(0, total, warm, peak, m) == pytest.approx(1e-4)
+    assert C.lr_at(4, total, warm, peak, m) == pytest.approx(5e-4)
+    assert C.lr_at(9, total, warm, peak, m) == pytest.approx(peak)
+    assert C.lr_at(10, total, warm, peak, m) == pytest.approx(peak)
+    assert C.lr_at(60, total, warm, peak, m) == pytest.approx(peak * (0.1 + 0.9 * 0.5))  # half way: cos = 0
+    assert C.lr_at(35, total, warm, peak, m) == pytest.approx(peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4))))
+    assert C.lr_at(110, total, warm, peak, m) == pytest.approx(peak * m)
+    assert C.lr_at(500, total, warm, peak, m) == pytest.approx(peak * m)
+    assert C.lr_at(0, 5, 0, peak, 0.0) == pytest.approx(peak)
+
+
+def test_optimizer_step_rejects_nan(lm):
+    opt = C.make_optimizer(lm, 1e-3, 0.1)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() < 2 for p in no_decay["params"]) and all(p.dim() >= 2 for p in decay["params"])
+    for p in lm.parameters():
+        p.grad = torch.full_like(p, float("nan"))
+    with pytest.raises(FloatingPointError):
+        C.optimizer_step(lm, opt, 1e-3, 1.0)
+    with pytest.raises(FloatingPointError):
+        C.check_finite(float("nan"), 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# Config -> CLI
+
+
+@dataclass
+class SampleConfig:
+    model: str = C.arg("tiny", "model name or path")
+    lr: float = C.arg(1e-5, "peak learning rate")
+    max_steps: int = C.arg(10, "optimizer steps")
+    packing: bool = C.arg(True, "pack samples into rows")
+    data: list[str] = C.arg(["a.jsonl", "b.jsonl"], "data files")
+    ids: list[int] = C.arg([1, 2], "some integers")
+
+
+def test_parse_config_defaults_and_types():
+    cfg = C.parse_config(SampleConfig, [])
+    assert cfg == SampleConfig()
+    cfg.data.append("c")
+    assert C.parse_config(SampleConfig, []).data == ["a.jsonl", "b.jsonl"]  # defaults not shared
+    cfg = C.parse_config(SampleConfig, ["--lr", "3e-4", "--max_steps", "7", "--packing", "false",
+                                        "--data", "x.jsonl", "--ids", "5", "6", "7", "--model", "m"])
+    assert cfg == SampleConfig(model="m", lr=3e-4, max_steps=7, packing=False, data=["x.jsonl"], ids=[5, 6, 7])
+    assert type(cfg.lr) is float and type(cfg.max_steps) is int
+    for word, val in [("true", True), ("1", True), ("yes", True), ("False", False), ("0", False), ("off", False)]:
+        assert C.parse_config(SampleConfig, ["--packing", word]).packing is val
+
+
+@pytest.mark.parametrize("argv", [["--lr", "abc"], ["--max_steps", "1.5"], ["--packing", "maybe"],
+                                  ["--ids", "1", "x"], ["--unknown", "1"], ["--lrr", "1"], ["extra"]])
+def test_parse_config_rejects(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        C.parse_config(SampleConfig, argv)
+    assert e.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_parse_config_help_lists_every_field(capsys):
+    with pytest.raises(SystemExit) as e:
+        C.parse_config(SampleConfig, ["--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
+    for f in SampleConfig.__dataclass_fields__.values():
+        assert f"--{f.name}" in text and f.metadata["help"] in text, f.name
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation
+
+
+def naive_greedy(lm, prompt, n, eos=None):
+    """Argmax loop without a KV cache, one unpadded prompt at a time."""
+    seq = list(prompt)
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = int(lm(torch.tensor([seq])).logits[0, -1].argmax())
+            out.append(nxt)
+            seq.append(nxt)
+            if nxt == eos:
+                break
+    return out
+
+
+PROMPTS = [[5, 60, 70, 80, 90, 100, 110], [40, 41], [7, 8, 9, 200]]
+
+
+def test_generate_greedy_matches_naive_loop_with_left_padding(tok, lm):
+    lm.eval()
+    never = 258  # an "EOS" that greedy decoding does not produce here (checked below)
+    gen = C.generate(lm, PROMPTS, 10, eos_ids=never, pad_id=tok.pad_token_id, temperature=0.0)
+    assert gen.tokens.shape == (3, 10) and gen.logp.shape == (3, 10)
+    assert gen.lengths.tolist() == [10, 10, 10] and not gen.finished.any()
+    for i, p in enumerate(PROMPTS):
+        ref = naive_greedy(lm, p, 10)
+        assert never not in ref
+        assert gen.response_ids(i) == ref, i
+    # greedy log-probs are scored at T = 1
+    seq = PROMPTS[1] + gen.response_ids(1)
+    with torch.no_grad():
+        lsm = lm(torch.tensor([seq])).logits[0].double().log_softmax(-1)
+    ref = [float(lsm[len(PROMPTS[1]) - 1 + k, t]) for k, t in enumerate(gen.response_ids(1))]
+    assert gen.logp[1].tolist() == pytest.approx(ref, abs=1e-5)
+
+
+def test_generate_stops_at_eos(tok, lm):
+    lm.eval()
+    free = [naive_greedy(lm, p, 12) for p in PROMPTS]
+    eos = free[0][3]  # make the 4th greedy token of prompt 0 the EOS
+    k0 = free[0].index(eos)
+    gen = C.generate(lm, PROMPTS, 12, eos_ids=[eos, 257], pad_id=tok.pad_token_id, temperature=0.0)
+    for i, ref in enumerate(free):
+        n = ref.index(eos) + 1 if eos in ref else 12
+        assert gen.lengths[i] == n and bool(gen.finished[i]) == (eos in ref)
+        assert gen.response_ids(i) == ref[:n]
+        assert (gen.tokens[i, n:] == tok.pad_token_id).all() and (gen.logp[i, n:] == 0).all()
+    assert gen.lengths[0] == k0 + 1 and gen.finished[0] and gen.response_ids(0)[-1] == eos
+    assert gen.tokens.shape[1] == int(gen.lengths.max())
+    # every sequence finishing early ends the loop early
+    gen = C.generate(lm, PROMPTS[:1], 12, eos_ids=eos, pad_id=tok.pad_token_id, temperature=0.0)
+    assert gen.tokens.shape == (1, k0 + 1) and gen.finished.all()
+
+
+def test_generate_stop_strings(tok, lm):
+    lm.eval()
+    free = naive_greedy(lm, PROMPTS[0], 12)
+    stop = tok.decode(free[4:6])
+    k = next(j for j in range(12) if stop in tok.decode(free[:j + 1]))
+    gen = C.generate(lm, PROMPTS[:2], 12, eos_ids=257, pad_id=tok.pad_token_id, temperature=0.0,
+                     stop_strings=[stop], tok=tok)
+    assert gen.finished[0] and gen.response_ids(0) == free[:k + 1]
+
+
+def test_generate_logp_equals_rescored_logp(tok, lm):
+    """Sampling at T = 0.7 and rescoring with LogProbModel at T = 0.7 gives ratio 1 (PITFALLS #5)."""
+    lm.eval()
+    T = 0.7
+    g = torch.Generator().manual_seed(0)
+    gen = C.generate(lm, PROMPTS, 9, eos_ids=257, pad_id=tok.pad_token_id, temperature=T, generator=g)
+    policy = C.LogProbModel(lm, chunk_size=5)
+    rows = []
+    for i, p in enumerate(PROMPTS):
+        resp = gen.response_ids(i)
+        rows.append({"input_ids": p + resp, "labels": [IGNORE] * len(p) + resp})
+    b = C.collate(rows, tok.pad_token_id)  # batched, right padded
+    with torch.no_grad():
+        logp = policy(b["input_ids"], b["labels"], position_ids=b["position_ids"], temperature=T)["logp"]
+    for i, p in enumerate(PROMPTS):
+        n = int(gen.lengths[i])
+        new = logp[i, len(p):len(p) + n]
+        ratio = torch.exp(new - gen.logp[i, :n])
+        torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-5, rtol=0)
+    # the same seed gives the same samples
+    again = C.generate(lm, PROMPTS, 9, eos_ids=257, pad_id=tok.pad_token_id, temperature=T,
+                       generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again.tokens, gen.tokens)
+
+
+def naive_top_p_keep(probs, top_p):
+    """Indices of the smallest set of most-probable tokens whose total probability reaches top_p."""
+    order = sorted(range(len(probs)), key=lambda i: -probs[i])
+    keep, total = set(), 0.0
+    for i in order:
+        keep.add(i)
+        total += probs[i]
+        if total >= top_p:
+            break
+    return keep
+
+
+def test_top_p_filter():
+    probs = torch.tensor([0.15, 0.5, 0.05, 0.3])
+    logits = probs.log()
+    for top_p, keep in [(0.4, {1}), (0.7, {1, 3}), (0.85, {1, 3, 0}), (0.9, {1, 3, 0}), (0.97, {0, 1, 2, 3}),
+                        (1.0, {0, 1, 2, 3})]:
+        out = C.top_p_filter(logits[None], top_p)[0]
+        assert {i for i in range(4) if out[i] > -math.inf} == keep, top_p
+        assert torch.equal(out[list(keep)], logits[list(keep)])  # kept logits unchanged
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 40, generator=g) * 2
+    for top_p in (0.3, 0.6, 0.95):
+        out = C.top_p_filter(logits, top_p)
+        for b in range(5):
+            want = naive_top_p_keep(logits[b].double().softmax(-1).tolist(), top_p)
+            assert {i for i in range(40) if out[b, i] > -math.inf} == want
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+@dataclass
+class CkptConfig:
+    lr: float = C.arg(1e-2, "learning rate")
+    model: str = C.arg("tiny", "model")
+
+
+def train_step(policy, opt, batch):
+    out = policy(batch["input_ids"], batch["labels"], position_ids=batch["position_ids"])
+    loss = C.masked_ce_loss(out["logp"], batch["labels"], C.count_trained(batch["labels"]))
+    loss.backward()
+    C.optimizer_step(policy, opt, 1e-2, 1.0)
+    return float(loss.detach())
+
+
+def test_checkpoint_roundtrip(tmp_path, tok):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    d = C.Dist()
+    samples, _ = C.fit_length(chat_samples(tok, 4), 128, "truncate")
+    batch = C.collate(C.pack_rows(samples, 128, packing=False), tok.pad_token_id)
+    policy = C.LogProbModel(C.tiny_model(tok, seed=0))
+    opt = C.make_optimizer(policy, 1e-2, 0.1)
+    for _ in range(2):
+        train_step(policy, opt, batch)
+
+    C.set_seed(5)
+    ck = C.save_checkpoint(tmp_path, 2, policy, tok, opt, d, CkptConfig(), {"sample_pos": 8})
+    after_save = (torch.rand(3), random.random(), np.random.rand())
+    assert ck == tmp_path / "ckpt-000002" and (ck / "model" / "config.json").exists()
+    assert json.loads((ck / "config.json").read_text()) == {"lr": 0.01, "model": "tiny"}
+
+    # the model dir is a plain HF model with fp32 weights and the same logits
+    with safe_open(str(ck / "model" / "model.safetensors"), "pt") as f:
+        assert all(f.get_tensor(k).dtype == torch.float32 for k in f.keys())
+    hf = AutoModelForCausalLM.from_pretrained(ck / "model")
+    with torch.no_grad():
+        assert torch.equal(hf(batch["input_ids"]).logits, policy.lm(batch["input_ids"]).logits)
+    assert C.load_tokenizer(str(ck / "model")).chat_template == tok.chat_template
+
+    # a kill mid-write leaves a .tmp dir (and maybe an incomplete dir): both ignored
+    (tmp_path / "ckpt-000009.tmp" / "model").mkdir(parents=True)
+    (tmp_path / "ckpt-000007").mkdir()
+    assert C.latest_checkpoint(tmp_path) == ck
+    assert C.latest_checkpoint(tmp_path / "nothing_here") is None
+
+    # resume: model from ck/model, fresh optimizer, restore optimizer + RNG + train state
+    torch.manual_seed(123)
+    random.seed(123)
+    np.random.seed(123)
+    model2, _ = C.load_model_and_tokenizer(str(ck / "model"))
+    policy2 = C.LogProbModel(model2)
+    opt2 = C.make_optimizer(policy2, 1e-2, 0.1)
+    state = C.load_checkpoint(C.latest_checkpoint(tmp_path), policy2, opt2, d)
+    assert state == {"step": 2, "sample_pos": 8}
+    assert (torch.rand(3), random.random(), np.random.rand())[1:] == after_save[1:]
+    s1, s2 = opt.state_dict(), opt2.state_dict()
+    assert s1["param_groups"] == s2["param_groups"]
+    for k in s1["state"]:
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(s1["state"][k][name], s2["state"][k][name])
+    # one more step from both gives identical weights
+    train_step(policy, opt, batch)
+    train_step(policy2, opt2, batch)
+    for (n, a), b in zip(policy.named_parameters(), policy2.parameters()):
+        assert torch.equal(a, b), n
+
+
+def test_checkpoint_rng_and_keep_last(tmp_path, tok):
+    d = C.Dist()
+    policy = C.LogProbModel(C.tiny_model(tok))
+    opt = C.make_optimizer(policy, 1e-2, 0.0)
+    torch.manual_seed(7)
+    for step in (1, 2, 3):
+        C.save_checkpoint(tmp_path, step, policy, tok, opt, d, CkptConfig(), {})
+    expected = torch.rand(4)
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == ["ckpt-000002", "ckpt-000003"]
+    torch.rand(10)
+    C.load_checkpoint(C.latest_checkpoint(tmp_path), policy, opt, d)
+    assert torch.equal(torch.rand(4), expected)
+
+
+def test_save_hf_final(tmp_path, tok):
+    policy = C.LogProbModel(C.tiny_model(tok, seed=3))
+    C.save_hf(policy, tok, tmp_path / "final", C.Dist())
+    assert not (tmp_path / "final.tmp").exists()
+    model, tok2 = C.load_model_and_tokenizer(str(tmp_path / "final"))
+    for (n, a), (m, b) in zip(policy.lm.state_dict().items(), model.state_dict().items()):
+        assert n == m and torch.equal(a, b)
+    assert tok2.pad_token_id == tok2.eos_token_id == tok.eos_token_id
+
+
+# ----------------------------------------------------------------------------------------------
+# Logging and precision
+
+
+def test_metrics_logger(tmp_path, capsys):
+    log = C.MetricsLogger(tmp_path / "run", C.Dist(), total_steps=2)
+    log.log(1, {"loss": 0.123456789, "n": 3, "t": torch.tensor(2.5)})
+    log.log(2, {"loss": 0.5, "lens": torch.tensor([1, 2])})
+    log.close()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[0]["loss"] == pytest.approx(0.123457, abs=1e-6) and rows[0]["n"] == 3 and rows[0]["t"] == 2.5
+    assert rows[1]["lens"] == [1, 2] and "time" in rows[1]
+    # a non-main rank writes nothing
+    C.MetricsLogger(tmp_path / "rank1", C.Dist(rank=1, world_size=2), 2).log(1, {"loss": 1.0})
+    assert not (tmp_path / "rank1" / "metrics.jsonl").exists()
+
+
+def test_resolve_dtype(monkeypatch):
+    cpu = torch.device("cpu")
+    native = C.cpu_has_native_bf16()
+    assert C.resolve_dtype("auto", cpu) == (torch.bfloat16 if native else torch.float32)
+    if "avx512_bf16" not in Path("/proc/cpuinfo").read_text() and "amx_bf16" not in Path("/proc/cpuinfo").read_text():
+        assert not native and C.resolve_dtype("auto", cpu) == torch.float32  # e.g. this AVX2-only EPYC
+    monkeypatch.setattr(C, "cpu_has_native_bf16", lambda: True)
+    assert C.resolve_dtype("auto", cpu) == torch.bfloat16
+    monkeypatch.setattr(C, "cpu_has_native_bf16", lambda: False)
+    assert C.resolve_dtype("auto", cpu) == torch.float32
+    assert C.resolve_dtype("fp32", cpu) == torch.float32 and C.resolve_dtype("bf16", cpu) == torch.bfloat16
+    with pytest.raises(ValueError, match="precision"):
+        C.resolve_dtype("fp16", cpu)
+    assert isinstance(C.autocast(cpu, torch.float32), type(C.autocast(cpu, torch.float32)))
+    with C.autocast(cpu, torch.bfloat16):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    with C.autocast(cpu, torch.float32):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
