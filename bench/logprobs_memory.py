@@ -43,7 +43,7 @@ class Config:
     seq: int = C.arg(1024, "T: tokens per sequence (all of them get a label)")
     vocab: int = C.arg(49152, "V: vocabulary size (SmolLM2: 49152)")
     hidden: int = C.arg(576, "H: hidden size (SmolLM2-135M: 576)")
-    chunk_size: int = C.arg(1024, "rows per chunk of the selective path (C.selective_logprobs' default)")
+    chunk_size: int = C.arg(512, "rows per chunk of the selective path (C.selective_logprobs' default)")
     device: str = C.arg("cpu", "cpu or cuda")
     seed: int = C.arg(0, "seed of the random inputs")
     method: str = C.arg("both", "both (the parent: one fresh subprocess per method) | naive | selective (a child)")
