@@ -1,0 +1,1403 @@
+"""
+Stage 4: reinforcement learning in sub-stages (STEM -> code -> human preference), GRPO or PPO,
+over a hand-written rollout loop, with a robust reward system and a Bradley-Terry reward model.
+
+Papers
+  PPO            Schulman et al. 2017, arXiv:1707.06347; GAE: Schulman et al. 2015, arXiv:1506.02438
+  RLHF / RM      Ouyang et al. 2022 (InstructGPT), arXiv:2203.02155 (Bradley-Terry reward model, PPO)
+  GRPO           Shao et al. 2024 (DeepSeekMath), arXiv:2402.03300
+  Dr. GRPO       Liu et al. 2025, arXiv:2503.20783 (no std normalisation, constant length normaliser)
+  DAPO           Yu et al. 2025, arXiv:2503.14476 (clip-higher, dynamic sampling, overlong shaping)
+  S2R            Ma et al. 2025, arXiv:2502.12853 (process-level rewards for self-verification)
+  KL estimators  J. Schulman, "Approximating KL Divergence", http://joschu.net/blog/kl-approx.html
+
+One RL step (mirrored by `# step N` comments in `rl_train`):
+  1. rollout: take a batch of prompts, sample G completions each with the shared sampler
+     (`C.generate` under `C.gathered_for_generation`), keep the exact sampled token ids;
+     with dynamic sampling, groups whose rewards are all equal are dropped and refilled.
+  2. score:   rewards (verifier / sandbox / reward model, each under `safe_reward`), shaping terms,
+     old / reference log-probs and values, KL (in the reward if chosen), advantages (GRPO group
+     advantages, S2R process advantages, or PPO's GAE over the critic's values).
+  3. update:  `ppo_epochs` passes over `num_minibatches` minibatches; each optimizer step sums
+     micro-batch losses normalised by the GLOBAL count of tokens / sequences of that minibatch
+     (`policy_loss`, `aggregate`), so 1 process x accumulation N == N processes x accumulation 1.
+
+Deliberate simplifications (read before trusting a number)
+  * The reference model for KL is a frozen copy of the policy at the start of the RUN (not of
+    each sub-stage). The PPO critic is re-created at the start of every PPO sub-stage (separate
+    critic) or kept (shared value head).
+  * PPO treats the end of the response (EOS or truncation) as terminal: no bootstrap.
+  * Minibatches are contiguous slices of each rank's rollouts, not reshuffled between epochs.
+  * The reward model is replicated on every rank (not sharded); the reference model and a
+    separate critic are sharded like the policy.
+  * Resume works at sub-stage granularity: a finished sub-stage (its HF dir exists) is skipped.
+  * S2R process rewards apply to GRPO only (PPO uses the outcome reward).
+  * Entropy is logged, not optimised (the shared log-prob helper returns it detached).
+
+Run
+  python 04_rl.py                                               # short STEM sub-stage, embedded model
+  python 04_rl.py --mode train_reward_model                     # Bradley-Terry RM on pref_*.jsonl
+  python 04_rl.py --model runs/03_distill/final --stages \\
+      "stem:data/math_train.jsonl:20 -> code:data/code_train.jsonl:10 -> pref:data/pref_train.jsonl:10"
+  python 04_rl.py --stages_file stages.json   # [{"kind": "stem", "data": ..., "steps": 20, "algo": "ppo", "lr": 1e-6}, ...]
+  torchrun --nproc_per_node 2 04_rl.py --algo grpo              # FSDP2 (gloo on CPU, nccl on GPU)
+  python 04_rl.py --model tiny --stages "toy:data/math_train.jsonl:30" --eval_kinds toy  # seconds
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import multiprocessing as mp
+import os
+import re
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common as C
+
+# Stage 1's self-verification format (these two strings mirror stage 1's output format and are
+# the contract between the stages): every verification ends with one of them, every attempt
+# ends with "The answer is X.".
+VERDICT_CORRECT = "Verification: correct."
+VERDICT_INCORRECT = "Verification: incorrect."
+MAX_RESPONSE_CHARS = 8000  # as C.score_math's max_chars
+ANSWER_SENTENCE_RE = re.compile(r"[Tt]he (?:final )?answer is\s+.*?\.(?=\s|$)", re.DOTALL)
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class Config:
+    # what to run
+    mode: str = C.arg("rl", "rl (the sub-stages) | train_reward_model (Bradley-Terry RM on --pref_train)")
+    model: str = C.arg(C.EMBEDDED, "policy: embedded default, 'tiny', or an HF dir (e.g. runs/03_distill/final)")
+    out_dir: str = C.arg("runs/04_rl", "output dir: <i>_<kind>/ per sub-stage, final/, metrics.jsonl, summary.json")
+    stages: str = C.arg("stem:data/math_train.jsonl:8",
+                        "sub-stages 'kind:prompts.jsonl:steps -> ...'; kind = stem|code|pref|toy")
+    stages_file: str = C.arg("", "JSON list of {kind, data, steps, <Config overrides e.g. algo, lr>}; beats --stages")
+    seed: int = C.arg(0, "random seed")
+    device: str = C.arg("auto", "auto | cpu | cuda")
+    precision: str = C.arg("auto", "auto | bf16 | fp32 (auto = bf16 only where native)")
+    max_steps: int = C.arg(-1, "cap on the steps of every sub-stage (-1 = the steps given in --stages)")
+    resume: bool = C.arg(True, "skip sub-stages whose checkpoint dir already exists and start from it")
+    activation_checkpointing: bool = C.arg(False, "gradient checkpointing in the decoder layers")
+    wandb_project: str = C.arg("", "wandb project (offline); empty = no wandb")
+    # algorithm
+    algo: str = C.arg("grpo", "grpo | ppo")
+    prompts_per_step: int = C.arg(2, "prompts per RL step (global, over all ranks)")
+    group_size: int = C.arg(4, "G: completions sampled per prompt")
+    max_new_tokens: int = C.arg(64, "response length limit")
+    temperature: float = C.arg(0.7, "sampling temperature; log-probs are recomputed at the SAME temperature")
+    top_p: float = C.arg(1.0, "nucleus sampling; < 1 makes the sampler and the trainer differ (PITFALLS #6)")
+    stop_strings: list[str] = C.arg([], "extra strings that end a response (besides EOS)")
+    reproducible_rollouts: bool = C.arg(False, "sample each prompt group with its own seeded generator, so "
+                                        "rollouts do not depend on world size (slower: one generate per group)")
+    ppo_epochs: int = C.arg(1, "passes over each batch of rollouts")
+    num_minibatches: int = C.arg(1, "optimizer steps per pass (each rank's rollouts split in this many)")
+    micro_batch_size: int = C.arg(4, "sequences per forward/backward (accumulation is derived)")
+    clip_low: float = C.arg(0.2, "ratio clipped below at 1 - clip_low")
+    clip_high: float = C.arg(0.28, "ratio clipped above at 1 + clip_high (DAPO clip-higher; = clip_low for PPO)")
+    loss_agg: str = C.arg("token_mean", "token_mean | seq_mean_token_mean | seq_sum_norm (Dr. GRPO)")
+    std_norm: bool = C.arg(True, "GRPO: divide group advantages by the group std (false = Dr. GRPO)")
+    dynamic_sampling: bool = C.arg(False, "DAPO: drop groups whose rewards are all equal and refill")
+    max_resample: int = C.arg(2, "dynamic sampling: refill rounds per step before keeping what we have")
+    overlong: str = C.arg("none", "truncated responses: masked (no loss) | penalty (DAPO soft punishment) | none")
+    overlong_cache: int = C.arg(16, "DAPO soft overlong window: penalty ramps over the last N tokens")
+    kl_coef: float = C.arg(0.02, "KL-to-reference coefficient (0 = no reference model)")
+    kl_estimator: str = C.arg("k3", "k1 | k2 | k3: the estimator that is OPTIMISED (all three are logged)")
+    kl_in: str = C.arg("loss", "loss | reward: where the KL term goes (see kl_estimators)")
+    # PPO critic
+    critic: str = C.arg("head", "head (value head on the policy's hidden state) | separate (value model "
+                        "initialised from the policy)")
+    gamma: float = C.arg(1.0, "GAE discount")
+    lam: float = C.arg(0.95, "GAE lambda")
+    vf_coef: float = C.arg(0.1, "value loss weight (shared head) ")
+    value_clip: float = C.arg(0.2, "PPO2 value clipping range")
+    critic_lr: float = C.arg(1e-5, "learning rate of a separate critic")
+    whiten_adv: bool = C.arg(True, "PPO: whiten advantages over the (global) batch")
+    # optimisation
+    lr: float = C.arg(5e-6, "peak learning rate")
+    min_lr_ratio: float = C.arg(1.0, "final lr / peak lr (1 = constant after warmup)")
+    warmup_steps: int = C.arg(0, "linear warmup steps (per sub-stage)")
+    weight_decay: float = C.arg(0.0, "AdamW weight decay")
+    max_grad_norm: float = C.arg(1.0, "gradient clipping")
+    # rewards
+    reward_timeout_s: float = C.arg(10.0, "time limit of one math reward call (run in a forked worker)")
+    failure_reward: float = C.arg(0.0, "reward given when a reward function raises, hangs or returns NaN/inf")
+    format_weight: float = C.arg(0.1, "weight of format_reward (final-answer marker / code block)")
+    overlong_weight: float = C.arg(1.0, "weight of the DAPO overlong penalty (with --overlong penalty)")
+    code_all_or_nothing: bool = C.arg(False, "code reward 1 only if all tests pass (else fraction passed)")
+    code_timeout_s: float = C.arg(5.0, "sandbox time limit per code run")
+    s2r_reward: str = C.arg("outcome", "stem rewards for self-verification responses: outcome | process | both")
+    math_instruction: str = C.arg(" Finish with 'The answer is X.'", "appended to every math question")
+    reward_model: str = C.arg("", "reward model dir for pref sub-stages (default <out_dir>/reward_model)")
+    rm_norm: str = C.arg("running", "pref reward normalisation: running (mean/std) | batch | none")
+    # reward model training (--mode train_reward_model)
+    rm_model: str = C.arg("", "RM backbone (default: --model)")
+    pref_train: str = C.arg("data/pref_train.jsonl", "RM training pairs {prompt, chosen, rejected}")
+    pref_test: str = C.arg("data/pref_test.jsonl", "RM held-out pairs")
+    rm_steps: int = C.arg(40, "RM optimizer steps")
+    rm_batch_pairs: int = C.arg(4, "pairs per RM optimizer step (global)")
+    rm_lr: float = C.arg(2e-5, "RM learning rate (backbone and head)")
+    max_len: int = C.arg(256, "RM: max tokens of prompt + response (longer pairs dropped)")
+    # evaluation
+    eval_kinds: list[str] = C.arg(["auto"], "held-out evals after each sub-stage: stem code pref toy "
+                                  "(auto = stem, code, pref if an RM exists, toy if a toy sub-stage runs)")
+    eval_limit: int = C.arg(20, "held-out items per eval kind")
+    eval_max_new_tokens: int = C.arg(64, "greedy response length in evals")
+    math_test: str = C.arg("data/math_test.jsonl", "held-out math")
+    code_test: str = C.arg("data/code_test.jsonl", "held-out code")
+
+
+STAGE_KINDS = ("stem", "code", "pref", "toy")
+
+
+# ----------------------------------------------------------------------------------------------
+# Setup: sub-stage specs
+
+
+def parse_stages(cfg: Config) -> list[dict]:
+    """--stages 'kind:path:steps -> ...' or --stages_file JSON -> [{kind, data, steps, overrides}]."""
+    if cfg.stages_file:
+        specs = json.loads(Path(cfg.stages_file).read_text())
+        if not isinstance(specs, list):
+            raise ValueError(f"{cfg.stages_file}: expected a JSON list of sub-stages")
+    else:
+        specs = []
+        for part in cfg.stages.split("->"):
+            bits = part.strip().rsplit(":", 2)
+            if len(bits) != 3:
+                raise ValueError(f"sub-stage {part.strip()!r}: expected kind:prompts.jsonl:steps")
+            specs.append({"kind": bits[0].strip(), "data": bits[1].strip(), "steps": int(bits[2].rstrip("steps"))})
+    fields = {f.name for f in dataclasses.fields(Config)}
+    out = []
+    for s in specs:
+        s = dict(s)
+        kind, data, steps = s.pop("kind", None), s.pop("data", None), s.pop("steps", None)
+        if kind not in STAGE_KINDS:
+            raise ValueError(f"sub-stage kind {kind!r}: expected one of {STAGE_KINDS}")
+        if data is None or steps is None or int(steps) < 0:
+            raise ValueError(f"sub-stage {kind}: needs 'data' and 'steps' >= 0")
+        unknown = set(s) - fields
+        if unknown:
+            raise ValueError(f"sub-stage {kind}: unknown override(s) {sorted(unknown)}")
+        out.append({"kind": kind, "data": data, "steps": int(steps), "overrides": s})
+    return out
+
+
+def validate(cfg: Config, d: C.Dist) -> None:
+    """Fail loudly on inconsistent sizes and unknown choices (STYLE rule 10)."""
+    choices = {"algo": ("grpo", "ppo"), "loss_agg": ("token_mean", "seq_mean_token_mean", "seq_sum_norm"),
+               "overlong": ("masked", "penalty", "none"), "kl_estimator": ("k1", "k2", "k3"),
+               "kl_in": ("loss", "reward"), "critic": ("head", "separate"),
+               "s2r_reward": ("outcome", "process", "both"), "rm_norm": ("running", "batch", "none"),
+               "mode": ("rl", "train_reward_model")}
+    for k, allowed in choices.items():
+        if getattr(cfg, k) not in allowed:
+            raise ValueError(f"--{k} {getattr(cfg, k)!r}: expected one of {allowed}")
+    if cfg.prompts_per_step % d.world_size:
+        raise ValueError(f"--prompts_per_step {cfg.prompts_per_step} not divisible by world size {d.world_size}")
+    local = cfg.prompts_per_step // d.world_size * cfg.group_size
+    if local % (cfg.num_minibatches * cfg.micro_batch_size):
+        raise ValueError(f"{local} rollouts per rank not divisible by num_minibatches {cfg.num_minibatches} "
+                         f"x micro_batch_size {cfg.micro_batch_size}")
+    if cfg.algo == "grpo" and cfg.group_size < 2:
+        raise ValueError("GRPO needs --group_size >= 2")
+
+
+# ----------------------------------------------------------------------------------------------
+# Model: policy with an optional value head, scalar-head models (critic, reward model)
+
+
+class ActorCritic(C.LogProbModel):
+    """The policy (LogProbModel) plus a scalar value head on its last hidden state.
+
+    Sharded as one FSDP2 root, so the head's parameters are gathered in the same forward.
+    save_hf keeps only `lm.*`, so the saved policy is a plain HF model.
+    """
+
+    def __init__(self, lm: nn.Module):
+        super().__init__(lm)
+        self.value_head = nn.Linear(lm.config.hidden_size, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids, labels, position_ids=None, attention_mask=None, temperature: float = 1.0,
+                return_values: bool = False):
+        out = super().forward(input_ids, labels, position_ids, attention_mask, temperature,
+                              return_hidden=return_values)
+        if return_values:
+            v = self.value_head(out.pop("hidden")).squeeze(-1).float()  # [B, T]: V(ids[:, :t+1])
+            out["values"] = shift_right(v)  # values[:, t] = V(state before label t), like logp
+        return out
+
+
+class ScalarHeadModel(nn.Module):
+    """LM backbone + Linear(H, 1): one scalar per position (reward model, separate critic).
+
+    forward -> [B, T] with out[:, t] = head(h_t), the score of the prefix ids[:, :t+1].
+    """
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+        self.head = nn.Linear(lm.config.hidden_size, 1)
+        nn.init.normal_(self.head.weight, std=1.0 / math.sqrt(lm.config.hidden_size + 1))
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, input_ids, position_ids=None, attention_mask=None):
+        h = self.lm.get_decoder()(input_ids=input_ids, position_ids=position_ids,
+                                  attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return self.head(h).squeeze(-1).float()
+
+
+def shift_right(x: torch.Tensor) -> torch.Tensor:
+    """[B, T] -> [B, T] with out[:, t] = x[:, t-1], out[:, 0] = 0 (align a per-prefix score with labels)."""
+    return torch.cat([x.new_zeros(x.shape[0], 1), x[:, :-1]], dim=1)
+
+
+def save_scalar_model(model: nn.Module, tok, path: Path, d: C.Dist) -> None:
+    """HF dir (the backbone LM, loadable by any stage) + head.pt (the scalar head)."""
+    C.save_hf(model.lm, tok, path, d)
+    if d.is_main:
+        torch.save({k: v.detach().cpu() for k, v in model.head.state_dict().items()}, Path(path) / "head.pt")
+    C.barrier(d)
+
+
+def load_scalar_model(path: str | Path) -> tuple[ScalarHeadModel, object]:
+    lm, tok = C.load_model_and_tokenizer(str(path))
+    m = ScalarHeadModel(lm)
+    head = Path(path) / "head.pt"
+    if not head.exists():
+        raise FileNotFoundError(f"{head} missing: {path} is not a reward model saved by --mode train_reward_model")
+    m.head.load_state_dict(torch.load(head, map_location="cpu"))
+    return m, tok
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure functions: advantages, losses, KL estimators
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, std_norm: bool = True, eps: float = 1e-6):
+    """GRPO group-relative advantages (Shao et al. 2024, arXiv:2402.03300, eq. in sec. 4.1.2).
+
+        A_{g,i} = (r_{g,i} - mean_j r_{g,j}) / (std_j r_{g,j} + eps)    std_norm=True  (GRPO)
+        A_{g,i} =  r_{g,i} - mean_j r_{g,j}                              std_norm=False (Dr. GRPO,
+                                                                          Liu et al. arXiv:2503.20783)
+    rewards: [B*G] (consecutive G samples form a group) or [B, G]; std is Bessel-corrected (as TRL).
+    Mean and std are taken over the G samples of each group only. Returns (adv of the input's
+    shape, stats{"zero_std_frac": fraction of groups whose rewards are all equal: zero gradient}).
+    """
+    shape = rewards.shape
+    r = rewards.reshape(-1, group_size).double()
+    mean = r.mean(1, keepdim=True)
+    std = r.std(1, keepdim=True) if group_size > 1 else torch.zeros_like(mean)
+    adv = r - mean
+    if std_norm:
+        adv = adv / (std + eps)
+    zero = (r.max(1).values - r.min(1).values).abs() <= 1e-12
+    return adv.to(rewards.dtype).reshape(shape), {"zero_std_frac": zero.float().mean().item()}
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """Generalised advantage estimation (Schulman et al. 2015, arXiv:1506.02438, eq. 16).
+
+        delta_t = r_t + gamma * V_{t+1} * m_{t+1} - V_t
+        A_t     = delta_t + gamma * lam * m_{t+1} * A_{t+1}          returns R_t = A_t + V_t
+    rewards, values, mask: [B, T] over response tokens, right-padded (mask 1 on real tokens).
+    The episode ends at the last real token (EOS or truncation: no bootstrap). Computed per
+    sequence, backwards in t; nothing is averaged. Returns (adv [B, T], returns [B, T]), 0 where mask == 0.
+    """
+    B, T = rewards.shape
+    m = mask.to(values.dtype)
+    adv = torch.zeros_like(values)
+    last = values.new_zeros(B)
+    for t in reversed(range(T)):
+        m_next = m[:, t + 1] if t + 1 < T else values.new_zeros(B)
+        v_next = values[:, t + 1] if t + 1 < T else values.new_zeros(B)
+        delta = rewards[:, t] + gamma * v_next * m_next - values[:, t]
+        last = delta + gamma * lam * m_next * last
+        adv[:, t] = last
+    adv = adv * m
+    return adv, (adv + values) * m
+
+
+def masked_moments(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[sum, sum of squares, count] of x where mask: all-reduce these for global statistics."""
+    m = mask.to(torch.float64)
+    xd = x.to(torch.float64)
+    return torch.stack([(xd * m).sum(), (xd * xd * m).sum(), m.sum()])
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+           moments: torch.Tensor | None = None) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) over the masked entries (population variance), 0 where mask == 0.
+
+    x, mask: [B, T]. `moments` = masked_moments summed over ranks gives the GLOBAL mean / var so
+    the result does not depend on how the batch is split; default: this tensor's own moments.
+    shift_mean=False adds the mean back (scale only).
+    """
+    s, s2, n = (masked_moments(x, mask) if moments is None else moments).tolist()
+    n = max(n, 1.0)
+    mean = s / n
+    var = max(s2 / n - mean * mean, 0.0)
+    out = (x - mean) / math.sqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask.to(x.dtype)
+
+
+def normaliser_count(mask: torch.Tensor, agg: str) -> torch.Tensor:
+    """This rank's share of the global normaliser of `aggregate`: trained tokens (token_mean) or
+    sequences with at least one trained token (the two sequence modes). Sum it over micro-batches
+    and ranks of one optimizer step."""
+    if agg == "token_mean":
+        return mask.sum().double()
+    return (mask.sum(1) > 0).sum().double()
+
+
+def aggregate(x: torch.Tensor, mask: torch.Tensor, agg: str, n_global: float, norm_const: float = 1.0):
+    """Reduce per-token terms x [B, T] to this micro-batch's share of a global scalar loss.
+
+        token_mean:           sum_{i,t} m x / N_tok                  (N_tok: global trained tokens)
+        seq_mean_token_mean:  sum_i (sum_t m x / sum_t m) / N_seq    (each sequence weighs the same:
+                                                                       length bias, PITFALLS #2)
+        seq_sum_norm:         sum_{i,t} m x / (N_seq * norm_const)   (Dr. GRPO: constant normaliser,
+                                                                       e.g. max_new_tokens)
+    n_global is the count over ALL micro-batches and ranks of the optimizer step (normaliser_count
+    summed), so summing the returned values over micro-batches and ranks gives the global loss
+    whatever the world size or accumulation (PITFALLS #1).
+    """
+    m = mask.to(x.dtype)
+    if agg == "token_mean":
+        return (x * m).sum() / max(n_global, 1.0)
+    if agg == "seq_mean_token_mean":
+        return ((x * m).sum(1) / m.sum(1).clamp(min=1.0)).sum() / max(n_global, 1.0)
+    if agg == "seq_sum_norm":
+        return (x * m).sum() / (max(n_global, 1.0) * norm_const)
+    raise ValueError(f"unknown loss aggregation {agg!r}")
+
+
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
+                clip_low: float, clip_high: float, agg: str, n_global: float, norm_const: float = 1.0):
+    """PPO clipped surrogate (Schulman et al. 2017, arXiv:1707.06347, eq. 7), asymmetric clip
+    range (DAPO clip-higher, Yu et al. 2025, arXiv:2503.14476):
+
+        rho_t = exp(logp_t - old_logp_t)
+        l_t   = -min(rho_t A_t, clip(rho_t, 1 - clip_low, 1 + clip_high) A_t)
+        L     = aggregate(l, mask, agg, n_global, norm_const)        (see `aggregate`)
+
+    logp (with grad), old_logp: [B, T] response-token log-probs; adv: [B, T] per token or [B]
+    per sequence (broadcast); mask: [B, T] float, 1 on trained tokens. Returns (loss, stats) with
+    detached SUMS over masked tokens (ratio_sum, clipped, tokens, and the old->new KL k1/k3 sums)
+    so the caller can all-reduce them.
+    """
+    if adv.dim() == 1:
+        adv = adv[:, None].expand_as(logp)
+    assert logp.shape == old_logp.shape == adv.shape == mask.shape, (logp.shape, old_logp.shape, adv.shape)
+    m = mask.to(logp.dtype)
+    log_ratio = (logp - old_logp) * m  # 0 on padding: no exp overflow there
+    ratio = torch.exp(log_ratio)
+    pg1 = -adv * ratio
+    pg2 = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    per_token = torch.maximum(pg1, pg2)
+    loss = aggregate(per_token, mask, agg, n_global, norm_const)
+    with torch.no_grad():
+        stats = {"ratio_sum": (ratio * m).sum(), "clipped": ((pg2 > pg1).to(m.dtype) * m).sum(),
+                 "tokens": m.sum(), "ppo_kl_k1": (-log_ratio * m).sum(),
+                 "ppo_kl_k3": ((torch.exp(-log_ratio) - 1 + log_ratio) * m).sum()}
+    return loss, stats
+
+
+def kl_estimators(logp: torch.Tensor, ref_logp: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-token estimators of KL(pi || ref) from samples of pi (Schulman, "Approximating KL
+    Divergence", http://joschu.net/blog/kl-approx.html), with r = ref_logp - logp:
+
+        k1 = -r                  unbiased value, high variance, can be negative
+        k2 = r^2 / 2             biased value, low variance
+        k3 = exp(r) - 1 - r      unbiased value, low variance, always >= 0
+
+    logp, ref_logp: [B, T] (logp may carry grad); returns {"k1","k2","k3"}: [B, T], nothing averaged.
+    Placement matters for the GRADIENT, not only the value (PITFALLS #4; tested exactly in tests):
+      * k1 in the REWARD (detached, r_t -= beta * k1_t, then the policy gradient): its expected
+        gradient is exactly -beta * grad KL(pi || ref): the unbiased choice.
+      * k3 in the LOSS (GRPO's choice): E_pi[grad k3] = grad KL(ref || pi), the REVERSE KL: a
+        biased gradient for KL(pi || ref) (fine as a regulariser, but not what it claims).
+      * k2 in the loss: E_pi[grad k2] = grad KL(pi || ref) (on-policy); k1 in the loss: expected
+        gradient 0 (it only adds noise).
+    r is clamped to [-20, 20] inside exp for numerical safety.
+    """
+    r = ref_logp - logp
+    return {"k1": -r, "k2": 0.5 * r * r, "k3": torch.exp(r.clamp(-20, 20)) - 1 - r}
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               clip: float, n_global: float):
+    """Clipped value loss (PPO2 as in OpenAI baselines; Schulman et al. 2017, arXiv:1707.06347):
+
+        V_clip = old_V + clip(V - old_V, -clip, clip)
+        L_V    = sum_{i,t} m * 0.5 * max((V - R)^2, (V_clip - R)^2) / N_tok
+    values (with grad), old_values, returns, mask: [B, T]; n_global: global trained tokens of the
+    optimizer step. Returns (loss, stats{"vf_clipped": number of tokens where the clipped term won}).
+    """
+    m = mask.to(values.dtype)
+    v_clip = old_values + (values - old_values).clamp(-clip, clip)
+    l1, l2 = (values - returns) ** 2, (v_clip - returns) ** 2
+    loss = (0.5 * torch.maximum(l1, l2) * m).sum() / max(n_global, 1.0)
+    return loss, {"vf_clipped": ((l2 > l1).to(m.dtype) * m).sum().detach()}
+
+
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, n_global: float | None = None):
+    """Bradley-Terry pairwise loss of a reward model (Ouyang et al. 2022, arXiv:2203.02155, eq. 1):
+
+        L = -(1/N) sum_i log sigmoid(r_chosen_i - r_rejected_i)
+    r_chosen, r_rejected: [B] scalar rewards of the pairs; N = n_global (all pairs of the optimizer
+    step over micro-batches and ranks) or B. Returns (loss, stats{"acc": fraction with r_c > r_r}).
+    """
+    n = float(r_chosen.shape[0]) if n_global is None else n_global
+    loss = -F.logsigmoid(r_chosen - r_rejected).sum() / max(n, 1.0)
+    return loss, {"acc": (r_chosen > r_rejected).float().mean().item()}
+
+
+def rollout_mask(lengths: torch.Tensor, finished: torch.Tensor, T: int, overlong: str) -> torch.Tensor:
+    """Loss mask [B, T] over response tokens, from what was SAMPLED (PITFALLS #7, #8).
+
+    mask[i, t] = 1 for t < lengths[i] (lengths include the EOS that ended a finished response, so
+    that EOS is trained even though pad == eos); overlong == "masked" zeroes the rows of truncated
+    responses (finished == False). The same mask serves as loss numerator, normaliser and logged lengths.
+    """
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).float()
+    if overlong == "masked":
+        mask = mask * finished[:, None].float()
+    return mask
+
+
+def running_moments_update(mean: float, var: float, count: float, b_mean: float, b_var: float,
+                           b_count: float) -> tuple[float, float, float]:
+    """Merge a batch's mean / population variance / count into running ones (Chan et al. 1979).
+
+        n = n_a + n_b,  delta = mean_b - mean_a,  mean = mean_a + delta n_b / n
+        var = (var_a n_a + var_b n_b + delta^2 n_a n_b / n) / n
+    Returns (mean, var, count). Used to normalise reward-model scores: (r - mean) / std.
+    """
+    if b_count <= 0:
+        return mean, var, count
+    n = count + b_count
+    delta = b_mean - mean
+    m2 = var * count + b_var * b_count + delta * delta * count * b_count / n
+    return mean + delta * b_count / n, m2 / n, n
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure functions: rewards (strings in, floats out)
+
+
+def math_reward(response: str, ref_answer: str, question: str = "") -> tuple[float, dict]:
+    """1 if the response's final answer equals the reference, else 0 (C.score_math: strict
+    final-answer extraction, rejects several different answers, prompt echoes, huge outputs).
+
+    Self-verification responses (stage 1's format, containing VERDICT_CORRECT / _INCORRECT):
+    the outcome is the correctness of the LAST attempt, and info["steps"] holds the S2R steps with
+    their rewards (see s2r_steps). Otherwise score_math over the whole response.
+    """
+    if len(response) > MAX_RESPONSE_CHARS:  # huge outputs: never parsed, never rewarded
+        return 0.0, {"reason": "too_long"}
+    if VERDICT_CORRECT in response or VERDICT_INCORRECT in response:
+        steps = s2r_steps(response, ref_answer)
+        attempts = [s for s in steps if s["kind"] == "attempt"]
+        outcome = attempts[-1]["reward"] if attempts else 0.0
+        return outcome, {"reason": "s2r", "steps": steps}
+    r, info = C.score_math(response, ref_answer, question)
+    return float(r), info
+
+
+def s2r_steps(response: str, ref_answer: str) -> list[dict]:
+    """Split a self-verification response `attempt1 verification1 attempt2 ...` into steps with
+    rewards (S2R, Ma et al. 2025, arXiv:2502.12853):
+
+      attempt:       ends at "The answer is X."; reward 1 if X equals the reference, else 0
+      verification:  ends at VERDICT_CORRECT / VERDICT_INCORRECT; reward 1 if the verdict matches
+                     the real correctness of the attempt it checks, else 0
+    Text after the last complete step belongs to no step. Returns [{"kind", "start", "end"
+    (character offsets), "reward", "verdict" (verifications)}] in order.
+    """
+    steps, cur = [], 0
+    while cur < len(response):
+        m = ANSWER_SENTENCE_RE.search(response, cur)
+        if m is None:
+            break
+        attempt_text = response[cur:m.end()]
+        correct = float(score_attempt(attempt_text, ref_answer))
+        steps.append({"kind": "attempt", "start": cur, "end": m.end(), "reward": correct, "verdict": None})
+        cur = m.end()
+        ends = [(response.find(p, cur), p) for p in (VERDICT_CORRECT, VERDICT_INCORRECT)]
+        ends = [(i, p) for i, p in ends if i >= 0]
+        nxt = ANSWER_SENTENCE_RE.search(response, cur)
+        if not ends or (nxt is not None and nxt.start() < min(ends)[0]):
+            continue  # an attempt with no verification of its own
+        i, p = min(ends)
+        says_correct = p == VERDICT_CORRECT
+        steps.append({"kind": "verify", "start": cur, "end": i + len(p), "verdict": says_correct,
+                      "reward": float(says_correct == bool(correct))})
+        cur = i + len(p)
+    return steps
+
+
+def score_attempt(attempt_text: str, ref_answer: str) -> bool:
+    """Correctness of one attempt: its (strictly extracted) final answer equals the reference."""
+    pred = C.extract_final_answer(attempt_text)
+    return pred is not None and C.math_answers_equal(pred, ref_answer)
+
+
+def code_reward(response: str, tests: list[str], entry_point: str | None, all_or_nothing: bool = False,
+                timeout_s: float = 5.0) -> tuple[float, dict]:
+    """Fraction of the task's tests passed by the response's code (or 0/1 with all_or_nothing),
+    run by C.run_code_tests in a sandboxed process group (time, memory, output, filesystem limits)."""
+    return C.run_code_tests(C.extract_code(response), tests, entry_point, timeout_s=timeout_s,
+                            all_or_nothing=all_or_nothing)
+
+
+def toy_reward(response: str) -> float:
+    """Toy task with a known optimum (1.0): the fraction of response characters that are lowercase
+    ASCII letters (an empty response scores 0). For learning tests and debugging the loop."""
+    return sum("a" <= ch <= "z" for ch in response) / len(response) if response else 0.0
+
+
+def format_reward(response: str, kind: str) -> float:
+    """1 if the response has the expected shape, else 0: stem = a strict final answer
+    ("The answer is X." / \\boxed{}), code = a fenced code block or a `def`; other kinds: 0."""
+    if kind == "stem":
+        return float(C.extract_final_answer(response) is not None)
+    if kind == "code":
+        return float("```" in response or "def " in response)
+    return 0.0
+
+
+def overlong_penalty(length: int, max_len: int, cache: int) -> float:
+    """DAPO soft overlong punishment (Yu et al. 2025, arXiv:2503.14476, eq. 13):
+
+        0                                 if L <= max_len - cache
+        (max_len - cache - L) / cache     if max_len - cache < L <= max_len   (ramps 0 -> -1)
+        -1                                if L > max_len
+    length: response tokens; max_len: the generation limit; cache: the ramp width.
+    """
+    if length <= max_len - cache:
+        return 0.0
+    if length <= max_len:
+        return (max_len - cache - length) / max(cache, 1)
+    return -1.0
+
+
+def process_advantages(step_rewards: list[list[float]], outcome: torch.Tensor, group_size: int, mode: str,
+                       std_norm: bool = True, eps: float = 1e-6) -> list[list[float]]:
+    """S2R-style per-step advantages (Ma et al. 2025, arXiv:2502.12853, sec. 3.3, our adaptation).
+
+    step_rewards: per sample (B*G, consecutive groups of G) the rewards of its steps in order
+    (attempt, verification, attempt, ...); outcome: [B*G] outcome rewards. Returns per sample the
+    advantage of each step (every token of a step gets its step's advantage):
+      outcome:  A_{i,k} = group_advantages(outcome)_i                    (same for all steps)
+      process:  A_{i,k} = (r_{i,k} - mean_j r_{j,k}) / (std_j r_{j,k} + eps), over the samples j
+                of the group that HAVE a step k (same position, hence same kind); std only with
+                std_norm and when at least 2 samples have a step k (else just r - mean)
+      both:     the sum of the two.
+    """
+    if mode not in ("outcome", "process", "both"):
+        raise ValueError(f"S2R mode must be outcome, process or both, got {mode!r}")
+    out_adv, _ = group_advantages(outcome.double(), group_size, std_norm, eps)
+    result = []
+    for g0 in range(0, len(step_rewards), group_size):
+        group = step_rewards[g0:g0 + group_size]
+        K = max((len(s) for s in group), default=0)
+        base = []
+        for k in range(K):
+            vals = torch.tensor([s[k] for s in group if len(s) > k], dtype=torch.float64)
+            std = vals.std().item() if len(vals) > 1 else 0.0
+            base.append((vals.mean().item(), std))
+        for j, s in enumerate(group):
+            i = g0 + j
+            adv = []
+            for k, r in enumerate(s):
+                p = r - base[k][0]
+                if std_norm and len(s) and base[k][1] > 0:
+                    p = p / (base[k][1] + eps)
+                o = float(out_adv[i])
+                adv.append(o if mode == "outcome" else p if mode == "process" else o + p)
+            result.append(adv)
+    return result
+
+
+def token_step_index(char_offsets: list[int], steps: list[dict]) -> list[int]:
+    """Map each response token (by the character offset where it starts) to the index of the
+    step containing it; tokens after the last step (e.g. the EOS) go to the last step; -1 if no steps."""
+    out = []
+    for off in char_offsets:
+        k = -1
+        for j, s in enumerate(steps):
+            if off < s["end"]:
+                k = j
+                break
+        if k == -1 and steps:
+            k = len(steps) - 1
+        out.append(k)
+    return out
+
+
+def char_offsets(tok, ids: list[int]) -> list[int]:
+    """Character offset in tok.decode(ids) where each token starts (prefix decoding; decoding is
+    only used to locate step boundaries, training always uses the sampled ids)."""
+    return [len(tok.decode(ids[:j])) for j in range(len(ids))]
+
+
+# ----------------------------------------------------------------------------------------------
+# Robust reward calls: exceptions, NaN / inf and hangs become counted failures
+
+
+def _reward_child(conn, fn, args):
+    try:
+        res = fn(*args)
+        conn.send(("ok", res))
+    except BaseException as e:  # noqa: BLE001  (anything the reward does is its failure, not ours)
+        try:
+            conn.send(("error", repr(e)[:500]))
+        except Exception:
+            pass
+    finally:
+        conn.close()
+
+
+class _AlarmTimeout(Exception):
+    pass
+
+
+def safe_reward(fn, *args, timeout_s: float | None = None, failure_value: float = 0.0):
+    """Call a reward function so that nothing it does can crash or stall training.
+
+    fn(*args) -> float or (float, info). Returns (value, status, info), status in
+    ok | error (raised) | nan (NaN / inf / not a number) | timeout; on failure value = failure_value.
+
+    timeout_s=None: called inline (for rewards that bound themselves, e.g. the code sandbox,
+    which kills its own process group). Otherwise the call runs in a FORKED child process killed
+    with SIGKILL after timeout_s: the only thing that stops a hang inside C code (a huge integer
+    power in sympy holds the GIL, so no signal handler or thread can interrupt it), and
+    math_verify's own signal.alarm would cancel an outer alarm anyway. Fork inherits the function,
+    so lambdas and closures work; the child only runs Python, never torch. Where fork does not
+    exist, a SIGALRM timer is used on the main thread (best effort, see above).
+    """
+    info: dict = {}
+    status, res = "ok", None
+    if timeout_s is None:
+        try:
+            res = fn(*args)
+        except Exception as e:  # noqa: BLE001
+            status, info = "error", {"error": repr(e)[:500]}
+    elif hasattr(os, "fork"):
+        ctx = mp.get_context("fork")
+        recv, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_reward_child, args=(send, fn, args), daemon=True)
+        proc.start()
+        send.close()
+        try:
+            if recv.poll(timeout_s):
+                kind, payload = recv.recv()
+                if kind == "ok":
+                    res = payload
+                else:
+                    status, info = "error", {"error": payload}
+            else:
+                status = "timeout"
+        except (EOFError, OSError) as e:  # the child died without answering (e.g. killed, OOM)
+            status, info = "error", {"error": f"reward worker died: {e!r}"}
+        finally:
+            recv.close()
+            if proc.is_alive():
+                proc.kill()
+            proc.join()
+    elif threading.current_thread() is threading.main_thread():
+        def on_alarm(signum, frame):
+            raise _AlarmTimeout()
+        old = signal.signal(signal.SIGALRM, on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, timeout_s)
+        try:
+            res = fn(*args)
+        except _AlarmTimeout:
+            status = "timeout"
+        except Exception as e:  # noqa: BLE001
+            status, info = "error", {"error": repr(e)[:500]}
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
+    else:
+        try:
+            res = fn(*args)
+        except Exception as e:  # noqa: BLE001
+            status, info = "error", {"error": repr(e)[:500]}
+    if status != "ok":
+        return failure_value, status, info
+    if isinstance(res, tuple):
+        res, info = res[0], (res[1] if len(res) > 1 and isinstance(res[1], dict) else {})
+    try:
+        value = float(res)
+    except (TypeError, ValueError):
+        return failure_value, "nan", {"error": f"reward returned {type(res).__name__}"}
+    if not math.isfinite(value):
+        return failure_value, "nan", info
+    return value, "ok", info
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: prompts of each sub-stage kind
+
+
+def stage_prompts(kind: str, path: str, tok, cfg: Config) -> list[dict]:
+    """Rows of a prompts file -> [{"prompt_ids": [...], "row": {...}}]; the prompt is a user turn."""
+    req = {"stem": ("question", "answer"), "code": ("prompt", "tests"), "pref": ("prompt",), "toy": ()}[kind]
+    rows = C.read_jsonl(path, required=req)
+    out = []
+    for r in rows:
+        if kind == "stem":
+            text = r["question"] + cfg.math_instruction
+        elif kind == "toy":
+            text = r.get("question") or r.get("prompt") or json.dumps(r)[:200]
+        else:
+            text = r["prompt"]
+        out.append({"prompt_ids": C.chat_prompt_ids(tok, [{"role": "user", "content": text}]), "row": r})
+    return out
+
+
+def make_reward_fn(kind: str, cfg: Config, rm_scorer=None):
+    """A batch reward for one sub-stage kind:
+    fn(items, texts, ids) -> (rewards [n] list, statuses [n], infos [n])."""
+    def per_sample(fn, timeout):
+        def batch(items, texts, ids):
+            res = [safe_reward(fn, it["row"], t, timeout_s=timeout, failure_value=cfg.failure_reward)
+                   for it, t in zip(items, texts)]
+            return [r[0] for r in res], [r[1] for r in res], [r[2] for r in res]
+        return batch
+
+    if kind == "stem":
+        return per_sample(lambda row, t: math_reward(t, str(row["answer"]), row["question"]), cfg.reward_timeout_s)
+    if kind == "code":  # the sandbox bounds itself (time limit, killed process group): called inline
+        return per_sample(lambda row, t: code_reward(t, row["tests"], row.get("entry_point"),
+                                                     cfg.code_all_or_nothing, cfg.code_timeout_s), None)
+    if kind == "toy":
+        return per_sample(lambda row, t: toy_reward(t), None)
+    if kind == "pref":
+        if rm_scorer is None:
+            raise ValueError("a pref sub-stage needs a reward model (--reward_model, or run --mode train_reward_model)")
+
+        def batch(items, texts, ids):
+            vals, st, infos = [], [], []
+            try:
+                scores = rm_scorer([it["prompt_ids"] for it in items], ids)
+            except Exception as e:  # noqa: BLE001
+                return [cfg.failure_reward] * len(items), ["error"] * len(items), [{"error": repr(e)}] * len(items)
+            for s in scores:
+                ok = math.isfinite(s)
+                vals.append(s if ok else cfg.failure_reward)
+                st.append("ok" if ok else "nan")
+                infos.append({})
+            return vals, st, infos
+        return batch
+    raise ValueError(kind)
+
+
+# ----------------------------------------------------------------------------------------------
+# Batching rollouts for the model: prompts left-padded, responses right-padded
+
+
+def collate_rollout(prompt_ids: list[list[int]], tokens: torch.Tensor, lengths: torch.Tensor, pad_id: int):
+    """Build model inputs from prompts and the EXACT sampled response ids (no re-encoding).
+
+    prompt_ids: n lists; tokens: [n, T] sampled ids (pad after each end); lengths: [n].
+    Returns input_ids / attention_mask / position_ids / labels [n, P+T] and P: prompts are
+    left-padded to P, so response token t of every row sits at column P + t; labels = the response
+    ids where t < length, IGNORE elsewhere; position ids count real tokens only.
+    """
+    n, T = tokens.shape
+    P = max(len(p) for p in prompt_ids)
+    ids = torch.full((n, P + T), pad_id, dtype=torch.long)
+    attn = torch.zeros((n, P + T), dtype=torch.long)
+    for i, p in enumerate(prompt_ids):
+        ids[i, P - len(p):P] = torch.tensor(p, dtype=torch.long)
+        attn[i, P - len(p):P] = 1
+    ids[:, P:] = tokens
+    resp = torch.arange(T)[None, :] < lengths[:, None]
+    attn[:, P:] = resp.long()
+    labels = torch.full_like(ids, C.IGNORE)
+    labels[:, P:] = torch.where(resp, tokens, torch.full_like(tokens, C.IGNORE))
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": ids, "attention_mask": attn, "position_ids": pos, "labels": labels}, P
+
+
+def response_forward(model: nn.Module, prompt_ids, tokens, lengths, pad_id: int, temperature: float,
+                     device, return_values: bool = False) -> dict:
+    """Per-response-token logp / entropy (and values) [n, T] of a LogProbModel / ActorCritic on a
+    rollout micro-batch, at the sampling temperature (PITFALLS #5). A ScalarHeadModel (separate
+    critic) returns {"values"} only."""
+    batch, P = collate_rollout(prompt_ids, tokens, lengths, pad_id)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    if isinstance(model, ScalarHeadModel):
+        s = model(batch["input_ids"], batch["position_ids"], batch["attention_mask"])
+        return {"values": shift_right(s)[:, P:]}
+    kw = {"return_values": True} if return_values else {}
+    out = model(batch["input_ids"], batch["labels"], position_ids=batch["position_ids"],
+                attention_mask=batch["attention_mask"], temperature=temperature, **kw)
+    return {k: v[:, P:] for k, v in out.items()}
+
+
+def rm_scores(rm: ScalarHeadModel, prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int,
+              device) -> torch.Tensor:
+    """Reward model score of each (prompt + response) at its LAST REAL token, found from the
+    lengths (never by searching for pad ids: pad == eos, PITFALLS #7). Right-padded batch. [n]."""
+    seqs = [list(p) + list(r) for p, r in zip(prompt_ids, response_ids)]
+    lens = torch.tensor([len(s) for s in seqs])
+    L = int(lens.max())
+    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+    pos = torch.arange(L)[None, :].expand(len(seqs), L)
+    s = rm(ids.to(device), pos.to(device))  # right padding + causal: real positions never see pads
+    return s.gather(1, (lens - 1).to(device)[:, None]).squeeze(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loop: one RL sub-stage
+
+
+@dataclass
+class Rollout:
+    """One rank's rollouts of a step (n = local prompts x G, consecutive G = one group).
+
+    prompt_ids: n lists of prompt ids; tokens: [n, T] sampled ids (pad after the end);
+    gen_logp: [n, T] sampler log-probs; lengths: [n] (incl. EOS); finished: [n] bool;
+    rewards: [n] total scalar reward; items: the prompt items; texts: decoded responses (for
+    rewards and logs only); infos: reward infos.
+    """
+    prompt_ids: list
+    tokens: torch.Tensor
+    gen_logp: torch.Tensor
+    lengths: torch.Tensor
+    finished: torch.Tensor
+    rewards: torch.Tensor
+    items: list
+    texts: list
+    infos: list
+
+
+def _pad_cat(ts: list[torch.Tensor], pad) -> torch.Tensor:
+    T = max(t.shape[1] for t in ts)
+    return torch.cat([F.pad(t, (0, T - t.shape[1]), value=pad) for t in ts], 0)
+
+
+def sample_groups(policy, items: list[dict], cfg: Config, tok, d: C.Dist, seeds: list[int]):
+    """Sample G completions for each prompt item. Returns (tokens, logp, lengths, finished)."""
+    pad, eos = tok.pad_token_id, tok.eos_token_id
+    stop = list(cfg.stop_strings)
+    kw = dict(max_new_tokens=cfg.max_new_tokens, eos_ids=eos, pad_id=pad, temperature=cfg.temperature,
+              top_p=cfg.top_p, stop_strings=stop, tok=tok if stop else None)
+    if not cfg.reproducible_rollouts:
+        prompts = [it["prompt_ids"] for it in items for _ in range(cfg.group_size)]
+        gens = [C.generate(policy, prompts, **kw)]
+    else:
+        gens = []
+        for it, s in zip(items, seeds):
+            g = torch.Generator(device=d.device)
+            g.manual_seed(s)
+            gens.append(C.generate(policy, [it["prompt_ids"]] * cfg.group_size, generator=g, **kw))
+    return (_pad_cat([g.tokens for g in gens], pad), _pad_cat([g.logp for g in gens], 0.0),
+            torch.cat([g.lengths for g in gens]), torch.cat([g.finished for g in gens]))
+
+
+def rl_train(cfg: Config, kind: str, policy, ref, prompts: list[dict], reward_fn, tok, d: C.Dist, dtype,
+             log: C.MetricsLogger, stage_idx: int, step0: int) -> dict:
+    """Run cfg.max_steps RL steps of one sub-stage. Returns {"steps", "last_rollout", "history"}."""
+    pad = tok.pad_token_id
+    G, W = cfg.group_size, d.world_size
+    B_local = cfg.prompts_per_step // W
+    sharded = C.is_sharded(policy)
+    amp = (lambda: C.autocast(d.device, dtype)) if not sharded else (lambda: C.autocast(d.device, torch.float32))
+    opt = C.make_optimizer(policy, cfg.lr, cfg.weight_decay)
+    critic, critic_opt = None, None
+    if cfg.algo == "ppo" and cfg.critic == "separate":  # value model initialised from the current policy
+        from transformers import AutoModelForCausalLM
+        full, _ = C._full_state(policy, None)  # collective under FSDP2: every rank calls it
+        critic_lm = AutoModelForCausalLM.from_config(policy.lm.config)
+        critic_lm.load_state_dict({k[3:]: v for k, v in full.items() if k.startswith("lm.")}, strict=False)
+        critic = ScalarHeadModel(critic_lm)
+        nn.init.zeros_(critic.head.weight)
+        critic = C.shard_model(critic, d, dtype, cfg.activation_checkpointing)
+        critic_opt = C.make_optimizer(critic, cfg.critic_lr, cfg.weight_decay)
+    use_ref = ref is not None and cfg.kl_coef > 0
+    shared_values = cfg.algo == "ppo" and cfg.critic == "head"
+    single_update = cfg.ppo_epochs * cfg.num_minibatches == 1 and cfg.algo == "grpo"
+    rm_mean, rm_var, rm_count = 0.0, 1.0, 0.0
+    history, ro = [], None
+    n_items = len(prompts)
+    for step in range(cfg.max_steps):
+        gstep = step0 + step
+        t_start = time.time()
+        # ---- step 1 rollout: sample G completions per prompt (exact ids kept), reward them;
+        # with dynamic sampling, drop all-equal groups and refill (bounded, ranks agree on rounds).
+        base = step * cfg.prompts_per_step + d.rank * B_local
+        idx = C.epoch_stream_indices(n_items, base, B_local, cfg.seed + stage_idx)
+        pending = [(prompts[i], (cfg.seed * 1_000_003 + stage_idx * 10_007 + base + j) % 2**62)
+                   for j, i in enumerate(idx)]
+        kept, rejected = [], []
+        fail_counts = {"error": 0, "nan": 0, "timeout": 0}
+        gen_time, gen_tokens, zero_first, n_groups_sampled = 0.0, 0, None, 0
+        for attempt in range(cfg.max_resample + 1):
+            t0 = time.time()
+            with C.gathered_for_generation(policy), torch.no_grad(), amp():
+                if pending:
+                    policy.eval()
+                    toks, glogp, lens, fin = sample_groups(policy, [p for p, _ in pending], cfg, tok, d,
+                                                           [s for _, s in pending])
+                    policy.train()
+            gen_time += time.time() - t0
+            new_groups = []
+            if pending:
+                gen_tokens += int(lens.sum())
+                ids = [toks[i, :lens[i]].tolist() for i in range(len(lens))]
+                texts = [tok.decode(x, skip_special_tokens=True) for x in ids]
+                items = [p for p, _ in pending for _ in range(G)]
+                rew, status, infos = reward_fn(items, texts, ids)
+                for s in status:
+                    if s != "ok":
+                        fail_counts[s] += 1
+                for g in range(len(pending)):
+                    sl = slice(g * G, (g + 1) * G)
+                    new_groups.append({"item": pending[g][0], "tokens": toks[sl], "logp": glogp[sl],
+                                       "lengths": lens[sl], "finished": fin[sl], "rewards": rew[sl],
+                                       "texts": texts[sl], "infos": infos[sl]})
+            n_groups_sampled += len(new_groups)
+            zero = [max(g["rewards"]) - min(g["rewards"]) <= 1e-12 for g in new_groups]
+            if attempt == 0:
+                zero_first = C.all_reduce_sum(torch.tensor([float(sum(zero)), float(len(zero))]), d)
+            for g, z in zip(new_groups, zero):
+                (rejected if (cfg.dynamic_sampling and z) else kept).append(g)
+            missing = B_local - len(kept)
+            if C.all_reduce_sum(torch.tensor(float(missing)), d).item() == 0 or attempt == cfg.max_resample:
+                break
+            rng = torch.Generator().manual_seed(cfg.seed * 7919 + gstep * 131 + d.rank * 17 + attempt)
+            refill = torch.randint(n_items, (missing,), generator=rng).tolist()
+            pending = [(prompts[i], (cfg.seed * 1_000_003 + gstep * 9973 + d.rank * 101 + attempt * 13 + j) % 2**62)
+                       for j, i in enumerate(refill)]
+        kept = (kept + rejected)[:B_local]  # refills exhausted: keep zero-variance groups (no gradient)
+        ro = Rollout(prompt_ids=[g["item"]["prompt_ids"] for g in kept for _ in range(G)],
+                     tokens=_pad_cat([g["tokens"] for g in kept], pad), gen_logp=_pad_cat([g["logp"] for g in kept], 0.0),
+                     lengths=torch.cat([g["lengths"] for g in kept]), finished=torch.cat([g["finished"] for g in kept]),
+                     rewards=torch.tensor([r for g in kept for r in g["rewards"]], dtype=torch.float64),
+                     items=[g["item"] for g in kept for _ in range(G)],
+                     texts=[t for g in kept for t in g["texts"]], infos=[x for g in kept for x in g["infos"]])
+
+        # ---- step 2 score: shaping, normalisation, old / ref log-probs, values, KL, advantages
+        n, T = ro.tokens.shape
+        mask = rollout_mask(ro.lengths, ro.finished, T, cfg.overlong)
+        task_reward = ro.rewards.clone()
+        if kind == "pref" and cfg.rm_norm != "none":
+            allr = C.all_reduce_sum(masked_moments(task_reward, torch.ones(n)), d)
+            if cfg.rm_norm == "running":
+                s, s2, c = allr.tolist()
+                rm_mean, rm_var, rm_count = running_moments_update(rm_mean, rm_var, rm_count, s / c,
+                                                                   max(s2 / c - (s / c) ** 2, 0.0), c)
+                task_reward = (task_reward - rm_mean) / math.sqrt(rm_var + 1e-8)
+            else:
+                task_reward = whiten(task_reward, torch.ones(n), moments=allr)
+        fmt = torch.tensor([format_reward(t, kind) for t in ro.texts], dtype=torch.float64)
+        total = task_reward + cfg.format_weight * fmt
+        if cfg.overlong == "penalty":
+            total = total + cfg.overlong_weight * torch.tensor(
+                [overlong_penalty(int(L), cfg.max_new_tokens, cfg.overlong_cache) for L in ro.lengths], dtype=torch.float64)
+        micro = [list(range(i, min(i + cfg.micro_batch_size, n))) for i in range(0, n, cfg.micro_batch_size)]
+        old_logp = torch.zeros(n, T)
+        ref_logp = torch.zeros(n, T)
+        old_values = torch.zeros(n, T)
+        need_old = not single_update or cfg.algo == "ppo"
+        if need_old or use_ref:
+            with torch.no_grad(), amp():
+                for mb in micro:
+                    Tm = int(ro.lengths[mb].max())
+                    args = ([ro.prompt_ids[i] for i in mb], ro.tokens[mb, :Tm], ro.lengths[mb], pad, cfg.temperature, d.device)
+                    if need_old:
+                        out = response_forward(policy, *args, return_values=shared_values)
+                        old_logp[mb, :Tm] = out["logp"].float().cpu()
+                        if shared_values:
+                            old_values[mb, :Tm] = out["values"].float().cpu()
+                    if use_ref:
+                        ref_logp[mb, :Tm] = response_forward(ref, *args)["logp"].float().cpu()
+                    if critic is not None:
+                        old_values[mb, :Tm] = response_forward(critic, *args)["values"].float().cpu()
+        sampler_diff = ((old_logp - ro.gen_logp).abs() * mask).sum().double() if need_old else None
+        kl_tok = torch.zeros(n, T)
+        if use_ref and cfg.kl_in == "reward" and need_old:
+            kl_tok = kl_estimators(old_logp, ref_logp)[cfg.kl_estimator] * mask
+        elif use_ref and cfg.kl_in == "reward":  # single update, no old logp yet: use the sampler's
+            kl_tok = kl_estimators(ro.gen_logp, ref_logp)[cfg.kl_estimator] * mask
+        kl_seq = kl_tok.sum(1).double()
+        if cfg.algo == "grpo":
+            seq_reward = total - (cfg.kl_coef * kl_seq if cfg.kl_in == "reward" else 0.0)
+            s2r = kind == "stem" and cfg.s2r_reward != "outcome"
+            if s2r and any("steps" in x for x in ro.infos):
+                steps = [x.get("steps", []) for x in ro.infos]
+                padv = process_advantages([[s["reward"] for s in st] for st in steps], seq_reward, G,
+                                          cfg.s2r_reward, cfg.std_norm)
+                out_adv, _ = group_advantages(seq_reward, G, cfg.std_norm)
+                adv = torch.zeros(n, T)
+                for i in range(n):
+                    L = int(ro.lengths[i])
+                    if not steps[i]:
+                        adv[i, :L] = float(out_adv[i]) if cfg.s2r_reward != "process" else 0.0
+                        continue
+                    k = token_step_index(char_offsets(tok, ro.tokens[i, :L].tolist()), steps[i])
+                    adv[i, :L] = torch.tensor([padv[i][j] for j in k], dtype=torch.float32)
+            else:
+                adv = group_advantages(seq_reward, G, cfg.std_norm)[0].float()[:, None].expand(n, T).clone()
+            returns = torch.zeros(n, T)
+        else:
+            tok_reward = -cfg.kl_coef * kl_tok if cfg.kl_in == "reward" else torch.zeros(n, T)
+            last = (ro.lengths - 1).clamp(min=0)
+            tok_reward[torch.arange(n), last] += total.float()
+            adv, returns = gae(tok_reward, old_values, (torch.arange(T)[None] < ro.lengths[:, None]).float(),
+                               cfg.gamma, cfg.lam)
+            if cfg.whiten_adv:
+                adv = whiten(adv, mask, moments=C.all_reduce_sum(masked_moments(adv, mask), d)).float()
+        adv = adv * mask
+
+        # ---- step 3 update: epochs x minibatches; every micro-batch loss is divided by the GLOBAL
+        # normaliser of its optimizer step (all micro-batches, all ranks)
+        t_upd = time.time()
+        lr = C.lr_at(step, cfg.max_steps, cfg.warmup_steps, cfg.lr, cfg.min_lr_ratio)
+        acc = {k: torch.zeros((), dtype=torch.float64) for k in
+               ("ratio_sum", "clipped", "tokens", "ppo_kl_k1", "ppo_kl_k3", "k1", "k2", "k3", "entropy",
+                "vloss", "vf_clipped", "pg_loss", "logp_diff_sampler", "loss")}
+        train_tokens = 0
+        n_mb = n // cfg.num_minibatches
+        policy.train()
+        gnorm = 0.0
+        for epoch in range(cfg.ppo_epochs):
+            for mbi in range(cfg.num_minibatches):
+                rows = list(range(mbi * n_mb, (mbi + 1) * n_mb))
+                n_global = C.all_reduce_sum(normaliser_count(mask[rows], cfg.loss_agg), d).item()
+                n_tok = C.all_reduce_sum(mask[rows].sum().double(), d).item()
+                for j in range(0, n_mb, cfg.micro_batch_size):
+                    mb = rows[j:j + cfg.micro_batch_size]
+                    Tm = int(ro.lengths[mb].max())
+                    args = ([ro.prompt_ids[i] for i in mb], ro.tokens[mb, :Tm], ro.lengths[mb], pad, cfg.temperature, d.device)
+                    with amp():
+                        out = response_forward(policy, *args, return_values=shared_values)
+                    logp = out["logp"].float()
+                    m = mask[mb, :Tm].to(logp.device)
+                    old = logp.detach() if single_update else old_logp[mb, :Tm].to(logp.device)
+                    pl, st = policy_loss(logp, old, adv[mb, :Tm].to(logp.device), m, cfg.clip_low, cfg.clip_high,
+                                         cfg.loss_agg, n_global, float(cfg.max_new_tokens))
+                    loss = pl
+                    if use_ref:
+                        kls = kl_estimators(logp, ref_logp[mb, :Tm].to(logp.device))
+                        if cfg.kl_in == "loss":
+                            loss = loss + cfg.kl_coef * aggregate(kls[cfg.kl_estimator], m, cfg.loss_agg, n_global,
+                                                                  float(cfg.max_new_tokens))
+                        for k in ("k1", "k2", "k3"):
+                            acc[k] += (kls[k].detach() * m).sum().double().cpu()
+                    vals = None
+                    if shared_values:
+                        vals = out["values"].float()
+                    elif critic is not None:
+                        with amp():
+                            vals = response_forward(critic, *args)["values"].float()
+                    if vals is not None:
+                        vl, vst = value_loss(vals, old_values[mb, :Tm].to(vals.device), returns[mb, :Tm].to(vals.device),
+                                             m, cfg.value_clip, n_tok)
+                        loss = loss + (cfg.vf_coef * vl if shared_values else vl)
+                        acc["vloss"] += vl.detach().double().cpu()
+                        acc["vf_clipped"] += vst["vf_clipped"].double().cpu()
+                    loss.backward()
+                    acc["loss"] += loss.detach().double().cpu()
+                    acc["pg_loss"] += pl.detach().double().cpu()
+                    for k in ("ratio_sum", "clipped", "tokens", "ppo_kl_k1", "ppo_kl_k3"):
+                        acc[k] += st[k].double().cpu()
+                    acc["entropy"] += (out["entropy"].detach() * m).sum().double().cpu()
+                    if single_update:  # logp before the update == old: compare with the sampler
+                        acc["logp_diff_sampler"] += ((logp.detach() - ro.gen_logp[mb, :Tm].to(logp.device)).abs()
+                                                     * m).sum().double().cpu()
+                    train_tokens += int(args[2].sum()) + sum(len(p) for p in args[0])
+                C.check_finite(float(C.all_reduce_sum(acc["loss"], d)), gstep)
+                gnorm = C.optimizer_step(policy, opt, lr, cfg.max_grad_norm)
+                if critic is not None:
+                    C.optimizer_step(critic, critic_opt, cfg.critic_lr, cfg.max_grad_norm)
+        upd_time = time.time() - t_upd
+
+        # ---- logging: every statistic is reduced over ranks first
+        if sampler_diff is not None:
+            acc["logp_diff_sampler"] = sampler_diff
+        keys = list(acc)
+        red = C.all_reduce_sum(torch.stack([acc[k] for k in keys]), d)
+        a = dict(zip(keys, red.tolist()))
+        ntok = max(a["tokens"], 1.0)  # trained tokens summed over epochs: ratio / clip / KL are per-token means
+        n_updates = cfg.ppo_epochs * cfg.num_minibatches
+        R = C.all_reduce_sum(torch.stack([ro.rewards.sum(), (ro.rewards ** 2).sum(), torch.tensor(float(n), dtype=torch.float64),
+                                          ro.lengths.sum().double(), (~ro.finished).sum().double(), mask.sum().double(),
+                                          total.sum(), fmt.sum()]), d).tolist()
+        fails = C.all_reduce_sum(torch.tensor([float(v) for v in fail_counts.values()]), d).tolist()
+        gen_tok = C.all_reduce_sum(torch.tensor(float(gen_tokens)), d).item()
+        tr_tok = C.all_reduce_sum(torch.tensor(float(train_tokens)), d).item()
+        mean_r = R[0] / R[2]
+        metrics = {
+            "stage": stage_idx, "kind": kind, "algo": cfg.algo,
+            "reward_mean": mean_r, "reward_std": math.sqrt(max(R[1] / R[2] - mean_r ** 2, 0.0)),
+            "total_reward_mean": R[6] / R[2], "format_rate": R[7] / R[2],
+            "resp_len_mean": R[3] / R[2], "trained_len_mean": R[5] / R[2], "truncated_frac": R[4] / R[2],
+            "zero_std_group_frac": float(zero_first[0] / max(zero_first[1], 1)),
+            "groups_sampled": n_groups_sampled,
+            "ratio_mean": a["ratio_sum"] / ntok, "clip_frac": a["clipped"] / ntok,
+            "ppo_kl_k1": a["ppo_kl_k1"] / ntok, "ppo_kl_k3": a["ppo_kl_k3"] / ntok,
+            "kl_k1": a["k1"] / ntok, "kl_k2": a["k2"] / ntok, "kl_k3": a["k3"] / ntok,
+            "entropy": a["entropy"] / ntok,
+            # |trainer logp - sampler logp| before any update: ~1e-7 unless sampling and scoring differ
+            "logp_diff_sampler": a["logp_diff_sampler"] / max(R[5], 1.0),
+            "loss": a["loss"] / n_updates, "pg_loss": a["pg_loss"] / n_updates,  # mean over optimizer steps
+            "value_loss": a["vloss"] / n_updates, "vf_clip_frac": a["vf_clipped"] / ntok if cfg.algo == "ppo" else 0.0,
+            "reward_fail_error": fails[0], "reward_fail_nan": fails[1], "reward_fail_timeout": fails[2],
+            "grad_norm": gnorm, "lr": lr,
+            # per rank: sampled tokens / generation time; prompt + response tokens through forward+backward / update time
+            "gen_tok_per_s": gen_tok / max(gen_time, 1e-9) / W, "train_tok_per_s": tr_tok / max(upd_time, 1e-9) / W,
+            "step_s": time.time() - t_start,
+        }
+        log.log(gstep, metrics)
+        history.append(metrics)
+    return {"steps": cfg.max_steps, "last_rollout": ro, "history": history}
+
+
+# ----------------------------------------------------------------------------------------------
+# Eval: held-out math accuracy, code pass rate, RM score, toy reward (greedy)
+
+
+def evaluate(policy, tok, cfg: Config, d: C.Dist, dtype, kinds: list[str], rm_scorer=None) -> dict:
+    """Greedy responses on held-out prompts; each rank takes items r::W, sums are all-reduced."""
+    res = {}
+    files = {"stem": cfg.math_test, "code": cfg.code_test, "pref": cfg.pref_test, "toy": cfg.math_test}
+    for kind in kinds:
+        items = stage_prompts(kind, files[kind], tok, cfg)[:cfg.eval_limit][d.rank::d.world_size]
+        total, count = 0.0, float(len(items))
+        if items:
+            was_training = policy.training
+            policy.eval()
+            with C.gathered_for_generation(policy), torch.no_grad(), C.autocast(d.device, dtype):
+                gen = C.generate(policy, [it["prompt_ids"] for it in items], cfg.eval_max_new_tokens,
+                                 eos_ids=tok.eos_token_id, pad_id=tok.pad_token_id, temperature=0.0)
+            policy.train(was_training)
+            ids = [gen.response_ids(i) for i in range(len(items))]
+            texts = [tok.decode(x, skip_special_tokens=True) for x in ids]
+            if kind == "pref":
+                total = float(sum(rm_scorer([it["prompt_ids"] for it in items], ids)))
+            else:
+                fn = make_reward_fn(kind, dataclasses.replace(cfg, failure_reward=0.0))
+                rewards, _, _ = fn(items, texts, ids)
+                total = float(sum(rewards))
+        else:  # this rank has no items but must still take part in the gather / reshard collectives
+            with C.gathered_for_generation(policy):
+                pass
+        s = C.all_reduce_sum(torch.tensor([total, count], dtype=torch.float64), d).tolist()
+        name = {"stem": "math_acc", "code": "code_pass", "pref": "rm_score", "toy": "toy_reward"}[kind]
+        res[name] = s[0] / max(s[1], 1.0)
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
+# Reward model training (--mode train_reward_model)
+
+
+def pref_pairs(path: str, tok, max_len: int) -> tuple[list[tuple[list[int], list[int]]], int]:
+    """{"prompt","chosen","rejected"} -> (prompt + chosen ids, prompt + rejected ids), in the SAME
+    layout the RL loop scores: chat prompt ids + response ids + EOS. Over-long pairs are dropped
+    (returned count)."""
+    rows = C.read_jsonl(path, required=("prompt", "chosen", "rejected"))
+    pairs, dropped = [], 0
+    for r in rows:
+        p = C.chat_prompt_ids(tok, [{"role": "user", "content": r["prompt"]}])
+        c = p + tok(r["chosen"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        j = p + tok(r["rejected"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        if max(len(c), len(j)) > max_len:
+            dropped += 1
+            continue
+        pairs.append((c, j))
+    return pairs, dropped
+
+
+def rm_pair_scores(rm, pairs, pad_id, device) -> tuple[torch.Tensor, torch.Tensor]:
+    seqs = [c for c, _ in pairs] + [j for _, j in pairs]
+    s = rm_scores(rm, [[]] * len(seqs), seqs, pad_id, device)
+    return s[:len(pairs)], s[len(pairs):]
+
+
+def rm_accuracy(rm, pairs, pad_id, device, d: C.Dist, batch: int = 8) -> float:
+    mine = pairs[d.rank::d.world_size]
+    correct = 0.0
+    rm.eval()
+    with torch.no_grad():
+        for i in range(0, len(mine), batch):
+            rc, rr = rm_pair_scores(rm, mine[i:i + batch], pad_id, device)
+            correct += float((rc > rr).sum())
+    rm.train()
+    s = C.all_reduce_sum(torch.tensor([correct, float(len(mine))], dtype=torch.float64), d).tolist()
+    return s[0] / max(s[1], 1.0)
+
+
+def train_reward_model(cfg: Config, d: C.Dist) -> dict:
+    """Bradley-Terry reward model: backbone + scalar head on the last real token, trained on
+    pref_train pairs, held-out pairwise accuracy on pref_test before and after. Saves
+    <out_dir>/reward_model (HF dir + head.pt)."""
+    dtype = C.resolve_dtype(cfg.precision, d.device)
+    lm, tok = C.load_model_and_tokenizer(cfg.rm_model or cfg.model, cfg.seed)
+    rm = ScalarHeadModel(lm)
+    sharded = d.enabled
+    if sharded:
+        raise ValueError("--mode train_reward_model runs in a single process here (the RM is small); "
+                         "launch it with python, not torchrun")
+    rm = rm.to(d.device)
+    train, n_drop = pref_pairs(cfg.pref_train, tok, cfg.max_len)
+    test, n_drop_test = pref_pairs(cfg.pref_test, tok, cfg.max_len)
+    C.print0(f"RM pairs: train {len(train)} (dropped {n_drop} > {cfg.max_len} tokens), test {len(test)} "
+             f"(dropped {n_drop_test})")
+    acc0 = rm_accuracy(rm, test, tok.pad_token_id, d.device, d)
+    opt = C.make_optimizer(rm, cfg.rm_lr, cfg.weight_decay)
+    log = C.MetricsLogger(Path(cfg.out_dir) / "reward_model_logs", d, cfg.rm_steps, cfg, cfg.wandb_project)
+    for step in range(cfg.rm_steps):
+        idx = C.epoch_stream_indices(len(train), step * cfg.rm_batch_pairs, cfg.rm_batch_pairs, cfg.seed)
+        batch = [train[i] for i in idx]
+        total_loss, accs = 0.0, []
+        for j in range(0, len(batch), cfg.micro_batch_size):
+            mb = batch[j:j + cfg.micro_batch_size]
+            with C.autocast(d.device, dtype):
+                rc, rr = rm_pair_scores(rm, mb, tok.pad_token_id, d.device)
+            loss, st = bradley_terry_loss(rc, rr, n_global=float(len(batch)))
+            loss.backward()
+            total_loss += loss.item()
+            accs.append(st["acc"] * len(mb))
+        lr = C.lr_at(step, cfg.rm_steps, cfg.warmup_steps, cfg.rm_lr, cfg.min_lr_ratio)
+        gn = C.optimizer_step(rm, opt, lr, cfg.max_grad_norm)
+        log.log(step, {"rm_loss": total_loss, "rm_train_acc": sum(accs) / len(batch), "grad_norm": gn, "lr": lr})
+    log.close()
+    acc1 = rm_accuracy(rm, test, tok.pad_token_id, d.device, d)
+    out = Path(cfg.out_dir) / "reward_model"
+    save_scalar_model(rm, tok, out, d)
+    res = {"rm_test_acc_before": acc0, "rm_test_acc_after": acc1, "n_train": len(train), "n_test": len(test)}
+    if d.is_main:
+        (out / "rm_eval.json").write_text(json.dumps(res, indent=2))
+    C.print0(f"reward model: held-out pairwise accuracy {acc0:.3f} -> {acc1:.3f}; saved to {out}")
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
+# Main: sub-stages in sequence, checkpoint + held-out eval after each, summary table
+
+
+def main(argv=None):
+    cfg = C.parse_config(Config, argv)
+    d = C.init_distributed(cfg.device)
+    C.set_seed(cfg.seed + d.rank)
+    validate(cfg, d)
+    C.print0(json.dumps(dataclasses.asdict(cfg), indent=2))
+    if cfg.mode == "train_reward_model":
+        res = train_reward_model(cfg, d)
+        C.cleanup_distributed(d)
+        return res
+    stages = parse_stages(cfg)
+    out_dir = Path(cfg.out_dir)
+    dtype = C.resolve_dtype(cfg.precision, d.device)
+
+    # model: start from the last finished sub-stage when resuming
+    start_model, first = cfg.model, 0
+    if cfg.resume:
+        for i, s in enumerate(stages, 1):
+            p = out_dir / f"{i}_{s['kind']}"
+            if (p / "config.json").exists():
+                start_model, first = str(p), i
+    if first:
+        C.print0(f"resume: sub-stages 1..{first} done, starting from {start_model}")
+    lm, tok = C.load_model_and_tokenizer(start_model, cfg.seed)
+    stage_cfgs = [dataclasses.replace(cfg, **s["overrides"]) for s in stages]
+    for sc in stage_cfgs:
+        validate(sc, d)
+    ref = None
+    if any(sc.kl_coef > 0 for sc in stage_cfgs):  # frozen copy of the initial policy (sharded too)
+        ref_lm = C.load_model_and_tokenizer(cfg.model, cfg.seed)[0] if first else copy.deepcopy(lm)
+        ref = C.LogProbModel(ref_lm).eval()
+        ref.requires_grad_(False)
+        ref = C.shard_model(ref, d, dtype)
+    policy = C.shard_model(ActorCritic(lm), d, dtype, cfg.activation_checkpointing)
+
+    rm_scorer = None
+    rm_dir = Path(cfg.reward_model or out_dir / "reward_model")
+    kinds_run = {s["kind"] for s in stages}
+    if "pref" in kinds_run or (rm_dir / "head.pt").exists():
+        if not (rm_dir / "head.pt").exists():
+            raise FileNotFoundError(f"pref sub-stage: no reward model at {rm_dir}; train one with "
+                                    f"`python 04_rl.py --mode train_reward_model` or pass --reward_model")
+        rm, rm_tok = load_scalar_model(rm_dir)
+        if rm_tok.get_vocab() != tok.get_vocab():
+            raise ValueError(f"reward model {rm_dir} has a different tokenizer from the policy")
+        rm = rm.to(d.device).eval()
+        rm.requires_grad_(False)
+
+        def rm_scorer(prompt_ids, response_ids):
+            with torch.no_grad(), C.autocast(d.device, dtype):
+                return rm_scores(rm, prompt_ids, response_ids, tok.pad_token_id, d.device).float().cpu().tolist()
+
+    kinds = cfg.eval_kinds
+    if kinds == ["auto"]:
+        kinds = ["stem", "code"] + (["pref"] if rm_scorer else []) + (["toy"] if "toy" in kinds_run else [])
+    if cfg.max_steps >= 0:
+        for s in stages:
+            s["steps"] = min(s["steps"], cfg.max_steps)
+    total_steps = sum(s["steps"] for s in stages)
+    done_steps = sum(s["steps"] for s in stages[:first])
+    log = C.MetricsLogger(out_dir, d, total_steps, cfg, cfg.wandb_project, initial_step=done_steps)
+    summary = []
+    t0 = time.time()
+    ev = evaluate(policy, tok, cfg, d, dtype, kinds, rm_scorer)
+    summary.append({"after": "start" if not first else f"{first}_{stages[first - 1]['kind']} (resumed)",
+                    **ev, "minutes": 0.0})
+    C.print0(f"eval at start: {ev}")
+    step0 = done_steps
+    for i, (s, sc) in enumerate(zip(stages, stage_cfgs), 1):
+        if i <= first:
+            continue
+        sc = dataclasses.replace(sc, max_steps=s["steps"])
+        prompts = stage_prompts(s["kind"], s["data"], tok, sc)
+        reward_fn = make_reward_fn(s["kind"], sc, rm_scorer)
+        C.print0(f"sub-stage {i}: {s['kind']} on {s['data']} for {s['steps']} steps ({sc.algo}, lr {sc.lr})")
+        ts = time.time()
+        rl_train(sc, s["kind"], policy, ref, prompts, reward_fn, tok, d, dtype, log, i, step0)
+        step0 += s["steps"]
+        C.save_hf(policy, tok, out_dir / f"{i}_{s['kind']}", d)
+        ev = evaluate(policy, tok, cfg, d, dtype, kinds, rm_scorer)
+        summary.append({"after": f"{i}_{s['kind']}", **ev, "minutes": round((time.time() - ts) / 60, 2)})
+        C.print0(f"eval after sub-stage {i} ({s['kind']}): {ev}")
+    C.save_hf(policy, tok, out_dir / "final", d)
+    log.close()
+    if d.is_main:
+        cols = ["after"] + [k for k in summary[0] if k not in ("after", "minutes")] + ["minutes"]
+        lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
+        for row in summary:
+            lines.append(" | ".join(f"{row.get(c, float('nan')):.3f}" if isinstance(row.get(c), float) and c != "minutes"
+                                    else str(row.get(c, "")) for c in cols))
+        table = "\n".join(lines)
+        print(f"\nsummary ({(time.time() - t0) / 60:.1f} min)\n{table}", flush=True)
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    C.cleanup_distributed(d)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

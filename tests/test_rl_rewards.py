@@ -1,0 +1,187 @@
+"""Stage 4 reward system: math / code / S2R / shaping rewards on tricky cases, and safe_reward
+against rewards that raise, hang (in Python and in C) or return NaN."""
+import importlib.util
+import os
+import sys
+import time
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def load_rl():
+    if "rl04" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("rl04", os.path.join(ROOT, "04_rl.py"))
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["rl04"] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules["rl04"]
+
+
+rl = load_rl()
+Q = "Tom has 6 apples and buys 7 more. How many apples does he have?"
+
+
+# ---------------------------------------------------------------------------- math (hack table)
+
+@pytest.mark.parametrize("response, reward, why", [
+    ("6 + 7 = 13.\nThe answer is 13.", 1.0, "plain correct"),
+    ("6 + 7 = 13 apples.\nThe answer is 13 apples.", 1.0, "unit stripped"),
+    ("\\boxed{13}", 1.0, "boxed"),
+    ("6 + 7 = 12.\nThe answer is 12.", 0.0, "wrong"),
+    ("The answer is 12. The answer is 13.", 0.0, "several different final answers (hedging)"),
+    ("\\boxed{12} \\boxed{13} \\boxed{14}", 0.0, "box every candidate"),
+    ("6 + 7 = 13, so he has 13 apples.", 0.0, "answer only inside the reasoning: no final answer"),
+    ("I think it is 13", 0.0, "no marker"),
+    (Q + " The answer is 13.", 1.0, "restate then answer is fine"),
+    (Q, 0.0, "echoed prompt"),
+    ("13 " * 5000 + "The answer is 13.", 0.0, "huge output"),
+    ("The answer is 13." + " padding" * 2000, 0.0, "huge output after the answer"),
+    ("", 0.0, "empty"),
+])
+def test_math_reward_table(response, reward, why):
+    r, info = rl.math_reward(response, "13", Q)
+    assert r == reward, (why, info)
+
+
+def test_math_reward_echoed_reference_in_prompt():
+    prompt = "Example: 2 + 2. The answer is 4. Now: what is 3 + 1?"
+    assert rl.math_reward(prompt, "4", prompt)[0] == 0.0  # copying a worked example from the prompt
+    assert rl.math_reward("3 + 1 = 4. The answer is 4.", "4", prompt)[0] == 1.0
+
+
+# ---------------------------------------------------------------------------- S2R steps / advantages
+
+S2R_OK = ("6 + 7 = 12. The answer is 12.\nCheck: 6 + 7 = 13, not 12. " + rl.VERDICT_INCORRECT +
+          "\n6 + 7 = 13. The answer is 13.\nCheck: 13 - 7 = 6. " + rl.VERDICT_CORRECT)
+S2R_BAD = "6 + 7 = 12. The answer is 12.\nCheck: looks right. " + rl.VERDICT_CORRECT
+
+
+def test_s2r_steps_rewards():
+    steps = rl.s2r_steps(S2R_OK, "13")
+    assert [s["kind"] for s in steps] == ["attempt", "verify", "attempt", "verify"]
+    assert [s["reward"] for s in steps] == [0.0, 1.0, 1.0, 1.0]  # wrong attempt, correctly rejected, ...
+    assert S2R_OK[steps[1]["start"]:steps[1]["end"]].endswith(rl.VERDICT_INCORRECT)
+    assert steps[-1]["end"] == len(S2R_OK)
+    bad = rl.s2r_steps(S2R_BAD, "13")
+    assert [s["reward"] for s in bad] == [0.0, 0.0]  # wrong attempt; verification wrongly says correct
+    # outcome = correctness of the LAST attempt (several answers are the format, not hedging)
+    assert rl.math_reward(S2R_OK, "13", Q)[0] == 1.0
+    assert rl.math_reward(S2R_BAD, "13", Q)[0] == 0.0
+    assert rl.math_reward(S2R_OK.replace("The answer is 13.", "The answer is 14."), "13", Q)[0] == 0.0
+
+
+def test_s2r_attempt_without_verification_and_trailing_text():
+    text = "The answer is 3.5. The answer is 13.\n" + rl.VERDICT_CORRECT + " and some trailing words"
+    steps = rl.s2r_steps(text, "13")
+    assert [s["kind"] for s in steps] == ["attempt", "attempt", "verify"]
+    assert steps[0]["end"] == len("The answer is 3.5.")  # the decimal point does not end the sentence
+    assert [s["reward"] for s in steps] == [0.0, 1.0, 1.0]
+
+
+def test_process_advantages_hand_values():
+    step_rewards = [[0.0, 1.0, 1.0, 1.0], [0.0, 0.0]]  # one group of G=2
+    outcome = torch.tensor([1.0, 0.0])
+    o = rl.process_advantages(step_rewards, outcome, 2, "outcome", std_norm=False)
+    assert o == [[0.5] * 4, [-0.5] * 2]
+    p = rl.process_advantages(step_rewards, outcome, 2, "process", std_norm=False)
+    assert p == [[0.0, 0.5, 0.0, 0.0], [0.0, -0.5]]
+    b = rl.process_advantages(step_rewards, outcome, 2, "both", std_norm=False)
+    assert b == [[0.5, 1.0, 0.5, 0.5], [-0.5, -1.0]]
+    ps = rl.process_advantages(step_rewards, outcome, 2, "process", std_norm=True)
+    assert ps[0][1] == pytest.approx(0.5 / (2 ** -0.5 + 1e-6))
+    with pytest.raises(ValueError):
+        rl.process_advantages(step_rewards, outcome, 2, "steps")
+
+
+def test_token_step_index():
+    steps = [{"end": 8}, {"end": 15}]
+    assert rl.token_step_index([0, 5, 10, 20], steps) == [0, 0, 1, 1]
+    assert rl.token_step_index([0, 1], []) == [-1, -1]
+
+
+# ---------------------------------------------------------------------------- code, toy, shaping
+
+def test_code_reward_fraction_all_or_nothing_and_hostile():
+    resp = "Here you go:\n```python\ndef f(x):\n    return x + 1\n```"
+    tests = ["assert f(1) == 2", "assert f(2) == 4"]
+    assert rl.code_reward(resp, tests, "f")[0] == 0.5
+    assert rl.code_reward(resp, tests, "f", all_or_nothing=True)[0] == 0.0
+    r, info = rl.code_reward("```python\ndef f(x):\n    while True: pass\n```", tests, "f", timeout_s=1.0)
+    assert r == 0.0 and info["status"] == "timeout"
+
+
+def test_toy_format_overlong():
+    assert rl.toy_reward("abc") == 1.0
+    assert rl.toy_reward("aB1 ") == 0.25
+    assert rl.toy_reward("") == 0.0
+    assert rl.format_reward("so 13. The answer is 13.", "stem") == 1.0
+    assert rl.format_reward("so 13", "stem") == 0.0
+    assert rl.format_reward("```python\nx=1\n```", "code") == 1.0
+    assert rl.format_reward("x = 1", "code") == 0.0
+    assert rl.overlong_penalty(48, 64, 16) == 0.0
+    assert rl.overlong_penalty(56, 64, 16) == -0.5
+    assert rl.overlong_penalty(64, 64, 16) == -1.0
+    assert rl.overlong_penalty(65, 64, 16) == -1.0
+
+
+# ---------------------------------------------------------------------------- safe_reward
+
+def _raise(*a):
+    raise RuntimeError("boom")
+
+
+def _sleep_forever(*a):
+    while True:
+        time.sleep(1)
+
+
+def _busy_in_c(*a):
+    return sum(range(10 ** 14))  # one C call holding the GIL: no signal handler can interrupt it
+
+
+def _die(*a):
+    os._exit(3)
+
+
+@pytest.mark.parametrize("timeout", [None, 5.0])
+@pytest.mark.parametrize("fn, status", [
+    (_raise, "error"),
+    (lambda: float("nan"), "nan"),
+    (lambda: float("inf"), "nan"),
+    (lambda: "not a number", "nan"),
+    (lambda: None, "nan"),
+    (lambda: (0.75, {"why": "ok"}), "ok"),
+    (lambda: 1, "ok"),
+])
+def test_safe_reward_failures_inline_and_forked(fn, status, timeout):
+    v, st, info = rl.safe_reward(fn, timeout_s=timeout, failure_value=-1.0)
+    assert st == status
+    if status == "ok":
+        assert v in (0.75, 1.0)
+    else:
+        assert v == -1.0
+
+
+@pytest.mark.parametrize("fn", [_sleep_forever, _busy_in_c])
+def test_safe_reward_hangs_are_killed(fn):
+    v, st, _ = rl.safe_reward(fn, timeout_s=1.0, failure_value=0.0)
+    assert (v, st) == (0.0, "timeout")
+
+
+def test_safe_reward_worker_death_is_a_failure():
+    v, st, info = rl.safe_reward(_die, timeout_s=5.0)
+    assert (v, st) == (0.0, "error") and "died" in info["error"]
+
+
+def test_stem_reward_fn_counts_failures():
+    cfg = rl.Config(reward_timeout_s=5.0, failure_reward=0.0)
+    fn = rl.make_reward_fn("stem", cfg)
+    items = [{"row": {"question": Q, "answer": "13"}}, {"row": {"question": Q, "answer": "13"}},
+             {"row": {"question": Q}}]  # a malformed row: the reward raises inside -> counted
+    rewards, status, infos = fn(items, ["The answer is 13.", "The answer is 12.", "The answer is 13."], [[], [], []])
+    assert rewards == [1.0, 0.0, 0.0]
+    assert status == ["ok", "ok", "error"]

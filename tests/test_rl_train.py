@@ -1,0 +1,250 @@
+"""Stage 4 loop on the tiny model: importance ratio == 1 before any update (PITFALLS #5), the
+sampled EOS kept in the mask with pad == eos (#7, #8), token ids carried end to end (#10),
+dynamic sampling (#3), GRPO and PPO learning a toy task with a known optimum, the Bradley-Terry
+reward model, and 1 process x accumulation 2 == 2 processes x accumulation 1 (#1)."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import common as C  # noqa: E402
+
+torch.set_num_threads(1)  # the machine is shared: tiny models are fastest on one thread
+
+
+def load_rl():
+    if "rl04" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("rl04", os.path.join(ROOT, "04_rl.py"))
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["rl04"] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules["rl04"]
+
+
+rl = load_rl()
+TINY = ["--model", "tiny", "--precision", "fp32", "--resume", "false", "--eval_kinds"]
+
+
+def _prompts(tok, n=4):
+    return [C.chat_prompt_ids(tok, [{"role": "user", "content": f"question number {i}" + "?" * i}]) for i in range(n)]
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------------- PITFALLS #5, #7, #8, #10
+
+def test_importance_ratio_is_one_on_fresh_rollout():
+    torch.manual_seed(0)
+    lm, tok = C.load_model_and_tokenizer("tiny")
+    policy = rl.ActorCritic(lm).eval()
+    prompts = _prompts(tok)
+    gen = C.generate(policy, prompts, 12, eos_ids=tok.eos_token_id, pad_id=tok.pad_token_id, temperature=0.7)
+    with torch.no_grad():
+        out = rl.response_forward(policy, prompts, gen.tokens, gen.lengths, tok.pad_token_id, 0.7, torch.device("cpu"))
+        wrong_t = rl.response_forward(policy, prompts, gen.tokens, gen.lengths, tok.pad_token_id, 1.0,
+                                      torch.device("cpu"))
+    mask = rl.rollout_mask(gen.lengths, gen.finished, gen.tokens.shape[1], "none").bool()
+    ratio = torch.exp(out["logp"] - gen.logp)[mask]
+    assert mask.sum() > 20
+    assert (ratio - 1).abs().max() < 1e-5
+    # the test has teeth: rescoring at T = 1 after sampling at T = 0.7 breaks the ratio
+    assert (torch.exp(wrong_t["logp"] - gen.logp)[mask] - 1).abs().max() > 1e-2
+
+
+def test_eos_kept_in_mask_pad_eq_eos_and_truncation_told_apart():
+    torch.manual_seed(1)
+    lm, tok = C.load_model_and_tokenizer("tiny")
+    eos = tok.eos_token_id
+    assert eos == tok.pad_token_id
+    bias = torch.zeros(len(tok))
+    bias[eos] = 4.0  # make EOS likely so that some responses finish and some are truncated
+    lm.lm_head.register_forward_hook(lambda m, i, o: o + bias)
+    prompts = _prompts(tok, 8) * 2
+    gen = C.generate(lm, prompts, 6, eos_ids=eos, pad_id=tok.pad_token_id, temperature=1.0)
+    assert gen.finished.any() and (~gen.finished).any()
+    T = gen.tokens.shape[1]
+    mask = rl.rollout_mask(gen.lengths, gen.finished, T, "none")
+    batch, P = rl.collate_rollout(prompts, gen.tokens, gen.lengths, tok.pad_token_id)
+    for i in range(len(prompts)):
+        L = int(gen.lengths[i])
+        if gen.finished[i]:
+            assert gen.tokens[i, L - 1] == eos and mask[i, L - 1] == 1  # the sampled EOS is trained
+            assert batch["labels"][i, P + L - 1] == eos
+        else:
+            assert L == 6 and mask[i].sum() == 6  # truncated: known from sampling, not from ids
+        assert mask[i, L:].sum() == 0 and (batch["labels"][i, P + L:] == C.IGNORE).all()
+    naive = (gen.tokens != tok.pad_token_id).float()  # the classic bug: drops every EOS
+    assert (naive.sum(1) < mask.sum(1))[gen.finished].all()
+    masked = rl.rollout_mask(gen.lengths, gen.finished, T, "masked")
+    assert masked[~gen.finished].sum() == 0 and torch.equal(masked[gen.finished], mask[gen.finished])
+
+
+def _direct_cfg(**kw):
+    base = dict(model="tiny", prompts_per_step=2, group_size=4, max_new_tokens=6, micro_batch_size=4,
+                lr=1e-3, kl_coef=0.0, format_weight=0.0, max_steps=1, temperature=1.0)
+    base.update(kw)
+    return rl.Config(**base)
+
+
+def _run_direct(tmp_path, cfg, reward_fn, kind="toy", n_prompts=4):
+    lm, tok = C.load_model_and_tokenizer("tiny")
+    policy = rl.ActorCritic(lm)
+    items = [{"prompt_ids": p, "row": {"k": i}} for i, p in enumerate(_prompts(tok, n_prompts))]
+    d = C.Dist()
+    log = C.MetricsLogger(tmp_path, d, cfg.max_steps)
+    return rl.rl_train(cfg, kind, policy, None, items, reward_fn, tok, d, torch.float32, log, 1, 0), tok
+
+
+def test_token_ids_carried_end_to_end(tmp_path):
+    seen = []
+
+    def reward_fn(items, texts, ids):
+        seen.extend(ids)
+        return [float(len(x)) for x in ids], ["ok"] * len(ids), [{}] * len(ids)
+
+    res, tok = _run_direct(tmp_path, _direct_cfg(), reward_fn)
+    ro = res["last_rollout"]
+    batch, P = rl.collate_rollout(ro.prompt_ids, ro.tokens, ro.lengths, tok.pad_token_id)
+    for i, ids in enumerate(seen):
+        L = int(ro.lengths[i])
+        assert ro.tokens[i, :L].tolist() == ids  # the update trains on what the reward saw and the sampler drew
+        assert batch["input_ids"][i, P:P + L].tolist() == ids
+        assert batch["input_ids"][i, P - len(ro.prompt_ids[i]):P].tolist() == ro.prompt_ids[i]
+    # random bytes rarely survive decode -> re-encode: re-encoding would have changed the ids
+    reenc = [tok(tok.decode(x), add_special_tokens=False)["input_ids"] for x in seen]
+    assert any(a != b for a, b in zip(reenc, seen))
+
+
+def test_dynamic_sampling_refills_zero_variance_groups(tmp_path):
+    def reward_fn(items, texts, ids):  # prompts 0 and 1: constant reward (zero-variance groups)
+        r = [0.0 if it["row"]["k"] < 2 else float(len(x) + x[0] % 3) for it, x in zip(items, ids)]
+        return r, ["ok"] * len(ids), [{}] * len(ids)
+
+    cfg = _direct_cfg(dynamic_sampling=True, max_resample=4, max_steps=3, prompts_per_step=2)
+    res, _ = _run_direct(tmp_path, cfg, reward_fn, n_prompts=4)
+    for h in res["history"]:
+        assert h["groups_sampled"] >= 2
+    assert any(h["zero_std_group_frac"] > 0 for h in res["history"])
+    assert any(h["groups_sampled"] > 2 for h in res["history"])  # something was refilled
+    ro = res["last_rollout"]
+    r = ro.rewards.view(-1, 4)
+    assert (r.max(1).values > r.min(1).values).all()  # kept groups all carry a learning signal
+
+
+def test_s2r_process_advantages_in_the_loop(tmp_path):
+    def reward_fn(items, texts, ids):  # pretend every response is attempt + verification
+        infos = [{"steps": [{"kind": "attempt", "start": 0, "end": 1, "reward": float(x[0] % 2)},
+                            {"kind": "verify", "start": 1, "end": 10 ** 6, "reward": float(x[-1] % 2)}]} for x in ids]
+        return [float(x[0] % 2) for x in ids], ["ok"] * len(ids), infos
+
+    res, _ = _run_direct(tmp_path, _direct_cfg(s2r_reward="both"), reward_fn, kind="stem")
+    assert torch.isfinite(torch.tensor(res["history"][0]["loss"]))
+
+
+# ---------------------------------------------------------------------------- learning
+
+def _learn(tmp_path, algo, steps, extra=()):
+    out = tmp_path / algo
+    rl.main(TINY + ["--out_dir", str(out), "--stages", f"toy:{ROOT}/data/math_train.jsonl:{steps}",
+                    "--algo", algo, "--prompts_per_step", "4", "--group_size", "8", "--micro_batch_size", "8",
+                    "--max_new_tokens", "8", "--lr", "3e-3", "--kl_coef", "0", "--format_weight", "0",
+                    *extra])
+    r = [m["reward_mean"] for m in _metrics(out)]
+    return sum(r[:3]) / 3, sum(r[-3:]) / 3
+
+
+def test_grpo_learns_toy_task(tmp_path):
+    """Reward = fraction of lowercase letters (optimum 1.0, chance ~26/259)."""
+    start, end = _learn(tmp_path, "grpo", 30)
+    assert start < 0.3
+    assert end > 0.8
+
+
+def test_ppo_learns_toy_task(tmp_path):
+    start, end = _learn(tmp_path, "ppo", 16, ["--ppo_epochs", "2", "--num_minibatches", "2",
+                                              "--clip_high", "0.2", "--vf_coef", "0.5"])
+    assert start < 0.3
+    assert end > 0.8
+
+
+# ---------------------------------------------------------------------------- reward model
+
+def _toy_prefs(path, n, seed):
+    import random
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            q = f"Please answer question {rng.randint(0, 999)}."
+            good = rng.choice(["Sure, happy to help: ", "Of course! ", "Gladly: "]) + "here it is."
+            bad = rng.choice(["NO.", "Go away!!", "???"])
+            f.write(json.dumps({"prompt": q, "chosen": good, "rejected": bad}) + "\n")
+
+
+def test_reward_model_bradley_terry_then_pref_stage(tmp_path):
+    _toy_prefs(tmp_path / "tr.jsonl", 64, 0)
+    _toy_prefs(tmp_path / "te.jsonl", 32, 1)
+    out = tmp_path / "run"
+    res = rl.main(TINY + ["--mode", "train_reward_model", "--out_dir", str(out), "--pref_train",
+                          str(tmp_path / "tr.jsonl"), "--pref_test", str(tmp_path / "te.jsonl"),
+                          "--rm_steps", "30", "--rm_batch_pairs", "8", "--micro_batch_size", "8", "--rm_lr", "3e-3"])
+    assert res["rm_test_acc_after"] >= 0.9
+    assert (out / "reward_model" / "head.pt").exists() and (out / "reward_model" / "config.json").exists()
+    # the pref sub-stage scores rollouts with it (normalised), and the eval reports the RM score
+    summary = rl.main(TINY[:-1] + ["--out_dir", str(out), "--stages", f"pref:{tmp_path}/tr.jsonl:2",
+                                   "--max_new_tokens", "6", "--eval_kinds", "pref", "--eval_limit", "4",
+                                   "--eval_max_new_tokens", "6", "--pref_test", str(tmp_path / "te.jsonl")])
+    assert "rm_score" in summary[-1]
+    m = _metrics(out)
+    assert len(m) == 2 and m[0]["kind"] == "pref" and m[0]["reward_fail_nan"] == 0
+
+
+def test_stage_spec_parsing(tmp_path):
+    st = rl.parse_stages(rl.Config(stages="stem:a.jsonl:20 -> code:b.jsonl:10steps -> pref:c.jsonl:5"))
+    assert [(s["kind"], s["data"], s["steps"]) for s in st] == [("stem", "a.jsonl", 20), ("code", "b.jsonl", 10),
+                                                                 ("pref", "c.jsonl", 5)]
+    f = tmp_path / "s.json"
+    f.write_text(json.dumps([{"kind": "stem", "data": "a.jsonl", "steps": 3, "algo": "ppo", "lr": 1e-5}]))
+    st = rl.parse_stages(rl.Config(stages_file=str(f)))
+    assert st[0]["overrides"] == {"algo": "ppo", "lr": 1e-5}
+    f.write_text(json.dumps([{"kind": "stem", "data": "a.jsonl", "steps": 3, "lr_typo": 1}]))
+    with pytest.raises(ValueError, match="lr_typo"):
+        rl.parse_stages(rl.Config(stages_file=str(f)))
+    with pytest.raises(ValueError, match="kind"):
+        rl.parse_stages(rl.Config(stages="math:a.jsonl:3"))
+
+
+# ---------------------------------------------------------------------------- world-size invariance
+
+@pytest.mark.slow
+def test_one_process_accum2_equals_two_processes(tmp_path):
+    """One GRPO update (with a sharded reference model and KL in the loss): 1 process with 2
+    micro-batches vs 2 processes with 1 each, the same reproducible rollouts; compare weights."""
+    from safetensors.torch import load_file
+    args = TINY + ["--stages", f"toy:{ROOT}/data/math_train.jsonl:1", "--max_new_tokens", "6",
+                   "--prompts_per_step", "2", "--group_size", "2", "--micro_batch_size", "2", "--lr", "1e-3",
+                   "--kl_coef", "0.1", "--reproducible_rollouts", "true"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    script = os.path.join(ROOT, "04_rl.py")
+    subprocess.run([sys.executable, script, *args, "--out_dir", str(tmp_path / "w1")], cwd=ROOT, env=env,
+                   check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", script, *args,
+                    "--out_dir", str(tmp_path / "w2")], cwd=ROOT, env=env, check=True, capture_output=True)
+    m1, m2 = _metrics(tmp_path / "w1")[0], _metrics(tmp_path / "w2")[0]
+    assert m1["reward_mean"] == m2["reward_mean"] and m1["reward_mean"] > 0
+    assert m1["grad_norm"] == pytest.approx(m2["grad_norm"], rel=1e-5)
+    a = load_file(tmp_path / "w1" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "w2" / "final" / "model.safetensors")
+    init = C.load_model_and_tokenizer("tiny")[0].state_dict()
+    moved = max((a[k] - init[k]).abs().max().item() for k in a)
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert moved > 1e-4  # the update did something ...
+    assert diff < 1e-6   # ... and the same thing in both layouts
