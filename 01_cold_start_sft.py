@@ -6,10 +6,11 @@ a verification of it that ends in a verdict, and, when the verdict is "incorrect
 until an attempt is confirmed correct.
 
 Papers
-  S2R: Teaching LLMs to Self-verify and Self-correct via RL, Ma et al. 2025, arXiv:2502.12853
-    (stage 0 data construction: Sec. 3.1; behaviour initialisation SFT with the mask m: Sec. 3.2)
-  Reflective SFT (solutions checked step by step, then corrected), e.g. rStar-Math arXiv:2501.04519,
-  CoT pre-training on windows of concatenated reasoning text before SFT: e.g. arXiv:2210.11416
+  S2R: Teaching LLMs to Self-verify and Self-correct via Reinforcement Learning, Ma et al. 2025,
+    arXiv:2502.12853: stage 0 (trajectory construction from the policy's own samples, difficulty
+    from the pass rate) and stage 1 (behaviour initialisation: SFT with a mask over wrong attempts)
+  Reflective SFT (attempts checked, then corrected) and CoT pre-training on random windows of
+    concatenated question / steps / answer text, as asked for in this stage's issue
   Loss normalised by the global number of trained tokens: transformers PR #34191 (PITFALLS #1)
 
 Modes (`--mode`)
@@ -23,8 +24,8 @@ Modes (`--mode`)
          model's own wrong samples (too few: a perturbed reference solution with a wrong final
          answer, counted); the final attempt is a model sample graded correct when there is one,
          else the dataset's reference solution (counted). Writes `--trajectories` (chat JSONL).
-         Budget extension (not in S2R): sampling a 135M model on CPU costs ~10x more per token
-         than training on it, so `--unsampled_*_questions` further questions get trajectories
+         Budget extension (not in S2R): on CPU, sampling from the 135M model was ~2x slower per
+         token than training on it (measured), so `--unsampled_*_questions` further questions get trajectories
          WITHOUT sampling: pass rate unknown (null), bucket `--unsampled_bucket`, wrong attempts =
          perturbed references (near misses: the last step's result changed), final = reference.
          Set them to 0 for the pure recipe. Each JSONL row says "sampled": true / false.
@@ -82,10 +83,10 @@ raise or exceed `--verifier_timeout_s` are counted, reported and skipped, never 
 
 Run (from the repo root)
   python 01_cold_start_sft.py                              # build + train + eval, embedded SmolLM2
-  python 01_cold_start_sft.py --mode build --k_samples 4 --verify_style problem_solving
+  python 01_cold_start_sft.py --mode build --k_samples 4 --verify_style mixed
   python 01_cold_start_sft.py --objective plain
   python 01_cold_start_sft.py --cot_pretrain_steps 10 --objective reflective
-  python 01_cold_start_sft.py --mode eval --model runs/01_cold_start_sft/final
+  python 01_cold_start_sft.py --mode eval --model runs/01_cold_start_sft/final --out_dir runs/eval_s1
   python 01_cold_start_sft.py --model tiny --max_steps 4 --eval_limit 2   # seconds
   OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 01_cold_start_sft.py --device cpu   # FSDP2, gloo
 """
@@ -147,7 +148,7 @@ class Config:
     difficulty_edges: list[float] = C.arg([0.5, 0.0], "pass-rate edges: bucket = #{e : pass_rate <= e}")
     attempts_by_difficulty: str = C.arg("0:0.8,1:0.2;0:0.5,1:0.5;0:0.3,1:0.5,2:0.2",
                                         "per bucket (easy first, ';'-separated): n_failed:prob,...")
-    verify_style: str = C.arg("mixed", "problem_solving | confirmative | mixed")
+    verify_style: str = C.arg("problem_solving", "problem_solving | confirmative | mixed (per verification)")
     verifier_timeout_s: float = C.arg(20.0, "time limit of one grading call (hang -> counted, skipped)")
     code_timeout_s: float = C.arg(5.0, "time limit of one sandboxed code run")
     # train
@@ -156,14 +157,14 @@ class Config:
     max_len: int = C.arg(512, "tokens per packed row / pretraining window")
     packing: bool = C.arg(True, "pack several samples per row (position ids restart per sample)")
     overlong: str = C.arg("drop", "drop | truncate samples longer than max_len (counted)")
-    micro_batch_size: int = C.arg(2, "rows per forward pass per rank")
+    micro_batch_size: int = C.arg(1, "rows per forward pass per rank")
     grad_accum: int = C.arg(1, "micro-batches per optimizer step per rank")
     lr: float = C.arg(2e-4, "peak learning rate (full fine-tuning)")
     min_lr_ratio: float = C.arg(0.1, "final lr = min_lr_ratio * lr (cosine)")
-    warmup_steps: int = C.arg(3, "linear warmup steps")
+    warmup_steps: int = C.arg(5, "linear warmup steps")
     weight_decay: float = C.arg(0.0, "AdamW weight decay (not on norms / biases)")
     max_grad_norm: float = C.arg(1.0, "gradient clipping (global L2 norm)")
-    max_steps: int = C.arg(36, "SFT optimizer steps (after cot_pretrain_steps)")
+    max_steps: int = C.arg(72, "SFT optimizer steps (after cot_pretrain_steps)")
     activation_checkpointing: bool = C.arg(False, "recompute activations in backward (saves memory)")
     save_every: int = C.arg(0, "checkpoint every N steps (0 = only at the end); resume from the latest")
     resume: bool = C.arg(True, "resume from the latest checkpoint in out_dir")
@@ -173,7 +174,7 @@ class Config:
     eval_limit: int = C.arg(40, "held-out math questions (stratified over difficulty); 0 = none")
     eval_code_limit: int = C.arg(6, "held-out code tasks; 0 = none")
     eval_difficulties: list[int] = C.arg([1, 2, 3, 4, 5], "difficulty levels of the held-out questions")
-    eval_max_new_tokens: int = C.arg(160, "max new tokens per eval response (greedy)")
+    eval_max_new_tokens: int = C.arg(128, "max new tokens per eval response (greedy)")
     eval_batch_size: int = C.arg(23, "prompts per generate call during eval")
     eval_loss_limit: int = C.arg(16, "held-out samples for the teacher-forced loss")
     eval_every: int = C.arg(0, "held-out loss every N steps (0 = only start / end, with the full eval)")
@@ -796,8 +797,7 @@ def load_sft_samples(cfg: Config, tok, traj_path: Path, skipped: Counter) -> lis
             convs.append(msgs)
     else:
         tasks = load_tasks(cfg.math_train, "math", skipped, cfg.math_instruction, cfg.train_difficulties)
-        if cfg.build_code_questions > 0:
-            tasks += load_tasks(cfg.code_train, "code", skipped, difficulties=cfg.train_difficulties)
+        tasks += load_tasks(cfg.code_train, "code", skipped, difficulties=cfg.train_difficulties)
         convs = [prompt_messages(t, cfg.system_prompt) + [{"role": "assistant", "content": t["reference"]}]
                  for t in tasks]
     samples = [C.tokenize_chat(tok, m) for m in convs]
@@ -858,7 +858,7 @@ def step_rows(samples: list[dict], pos: int, n_rows: int, max_len: int, packing:
 def masked_token_ce(logp: torch.Tensor, labels: torch.Tensor, n_tokens: int) -> torch.Tensor:
     """L = -(1/N) sum_{b,t} m[b,t] log p(y[b,t] | y[<t]),  m = labels != IGNORE (position 0 never).
 
-    S2R behaviour initialisation (arXiv:2502.12853, Eq. 2): m is 0 on the wrong attempts and 1 on
+    S2R behaviour initialisation (arXiv:2502.12853): m is 0 on the wrong attempts and 1 on the
     verifications and the final attempt (the segments' "train" flags). logp: [B, T] per-token
     log-probs of the labels (C.LogProbModel); labels: [B, T]; N: trained tokens of the WHOLE
     optimizer step (all micro-batches, all ranks), so summing this over micro-batches and ranks
@@ -932,7 +932,7 @@ def evaluate(policy, tok, cfg: Config, sets: dict, d, dtype, full: bool = True, 
     was_training = policy.training
     policy.eval()
     r, W = d.rank, d.world_size
-    sums, examples = Counter(), []
+    sums, examples, responses = Counter(), [], []
 
     def grade(task, text):
         ok, info = safe_grade(lambda a, b: grader(a, b, cfg.code_timeout_s), task, text, cfg.verifier_timeout_s)
@@ -951,6 +951,8 @@ def evaluate(policy, tok, cfg: Config, sets: dict, d, dtype, full: bool = True, 
                 for k, v in score_responses([t for t, _ in pairs], [x for _, x in pairs], grade).items():
                     sums[f"{dom}_{k}"] += v
                 examples += [f"[{dom}] {t['prompt']}\n---\n{x}" for t, x in pairs[:1]]
+            responses = [{"domain": t["domain"], "difficulty": t.get("difficulty"), "prompt": t["prompt"],
+                          "response": x} for t, x in zip(tasks, texts)]
     keys = sorted(set(gather_lists(sorted(sums), d)))
     tot = dict(zip(keys, C.all_reduce_sum(torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64),
                                           d).tolist()))
@@ -970,8 +972,16 @@ def evaluate(policy, tok, cfg: Config, sets: dict, d, dtype, full: bool = True, 
         if dom == "math":
             out["math_answered"] = g("answered") / n
     out["examples"] = examples
+    out["responses"] = gather_lists(responses, d) if full else []  # every rank's, for eval_*_responses.jsonl
     policy.train(was_training)
     return out
+
+
+def write_responses(path: Path, responses: list[dict], d) -> None:
+    """The eval's prompts and greedy responses, one JSON line each (rank 0 writes)."""
+    if d.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in responses))
 
 
 def numeric(ev: dict) -> dict:
@@ -1047,6 +1057,7 @@ def main(argv=None, grader=default_grader):
     if cfg.mode == "eval":
         t0 = time.time()
         ev = evaluate(policy, tok, cfg, eval_sets, d, dtype, grader=grader)
+        write_responses(out_dir / "eval_responses.jsonl", ev.pop("responses"), d)
         summary = {"model": cfg.model, "eval": numeric(ev), "examples": ev["examples"],
                    "skipped": dict(skipped), "eval_seconds": time.time() - t0}
         if d.is_main:
@@ -1085,6 +1096,7 @@ def main(argv=None, grader=default_grader):
         eval_start = evaluate(policy, tok, cfg, eval_sets, d, dtype, grader=grader)
         log.log(0, {f"eval_{k}": v for k, v in numeric(eval_start).items()} | {"eval_seconds": time.time() - t0},
                 advance=False)
+        write_responses(out_dir / "eval_start_responses.jsonl", eval_start.pop("responses"), d)
         C.print0("[eval start] " + json.dumps(numeric(eval_start)))
 
     # ---- loop
@@ -1139,6 +1151,7 @@ def main(argv=None, grader=default_grader):
     eval_end = evaluate(policy, tok, cfg, eval_sets, d, dtype, grader=grader)
     log.log(total_steps, {f"eval_{k}": v for k, v in numeric(eval_end).items()} | {"eval_seconds": time.time() - t0},
             advance=False)
+    write_responses(out_dir / "eval_end_responses.jsonl", eval_end.pop("responses"), d)
     C.save_hf(policy, tok, out_dir / "final", d)
     s, e = numeric(eval_start), numeric(eval_end)
     summary = {"start": s, "end": e, "change": {k: e[k] - s[k] for k in e if k in s and isinstance(e[k], float)},

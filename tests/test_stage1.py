@@ -424,6 +424,17 @@ def trajectories(tmp_path_factory):
     return str(path)
 
 
+def test_train_wrong_attempts_flag_turns_the_mask_off(tok, trajectories):
+    counts = {}
+    for flag in (False, True):
+        cfg = S1.Config(model="tiny", objective="reflective", train_wrong_attempts=flag, max_len=4096)
+        samples = S1.load_sft_samples(cfg, tok, Path(trajectories), Counter())
+        counts[flag] = [C.count_trained(torch.tensor([x["labels"]])) for x in samples]
+    rows = [json.loads(line) for line in Path(trajectories).read_text().splitlines()]
+    for row, off, on in zip(rows, counts[False], counts[True]):
+        assert (on > off) == (row["n_failed"] > 0), row["n_failed"]  # more trained tokens iff wrong attempts exist
+
+
 def final_weights(out_dir):
     return load_file(str(Path(out_dir) / "final" / "model.safetensors"))
 
