@@ -30,7 +30,9 @@ Deliberate simplifications (read before trusting a number)
   * Minibatches are contiguous slices of each rank's rollouts, not reshuffled between epochs.
   * The reward model is replicated on every rank (not sharded); the reference model and a
     separate critic are sharded like the policy.
-  * Resume works at sub-stage granularity: a finished sub-stage (its HF dir exists) is skipped.
+  * Resume: a finished sub-stage (its HF dir exists) is skipped; an unfinished one continues from
+    its latest --save_every checkpoint. The shared PPO value head is kept in step checkpoints but
+    not in a finished sub-stage's HF dir (a resumed run re-initialises it at a sub-stage boundary).
   * S2R process rewards apply to GRPO only (PPO uses the outcome reward).
   * Entropy is logged, not optimised (the shared log-prob helper returns it detached).
 
@@ -52,6 +54,7 @@ import math
 import multiprocessing as mp
 import os
 import re
+import shutil
 import signal
 import threading
 import time
@@ -90,7 +93,10 @@ class Config:
     device: str = C.arg("auto", "auto | cpu | cuda")
     precision: str = C.arg("auto", "auto | bf16 | fp32 (auto = bf16 only where native)")
     max_steps: int = C.arg(-1, "cap on the steps of every sub-stage (-1 = the steps given in --stages)")
-    resume: bool = C.arg(True, "skip sub-stages whose checkpoint dir already exists and start from it")
+    resume: bool = C.arg(True, "skip finished sub-stages (their HF dir exists) and continue an unfinished one "
+                               "from its latest step checkpoint")
+    save_every: int = C.arg(0, "also checkpoint every N steps inside a sub-stage (policy, optimizer, RNG, "
+                               "critic, RM normaliser) to <out_dir>/<i>_<kind>_ckpts; 0 = only at its end")
     activation_checkpointing: bool = C.arg(False, "gradient checkpointing in the decoder layers")
     wandb_project: str = C.arg("", "wandb project (offline); empty = no wandb")
     # algorithm
@@ -141,6 +147,8 @@ class Config:
     code_timeout_s: float = C.arg(5.0, "sandbox time limit per code run")
     s2r_reward: str = C.arg("outcome", "stem rewards for self-verification responses: outcome | process | both")
     math_instruction: str = C.arg(" Finish with 'The answer is X.'", "appended to every math question")
+    max_difficulty: int = C.arg(-1, "train only on prompts whose 'difficulty' field is <= this (-1 = all; "
+                                    "held-out evals are never filtered)")
     reward_model: str = C.arg("", "reward model dir for pref sub-stages (default <out_dir>/reward_model)")
     rm_norm: str = C.arg("running", "pref reward normalisation: running (mean/std) | batch | none")
     # reward model training (--mode train_reward_model)
@@ -775,6 +783,19 @@ def stage_prompts(kind: str, path: str, tok, cfg: Config) -> list[dict]:
     return out
 
 
+def select_prompts(prompts: list[dict], max_difficulty: int, path: str) -> list[dict]:
+    """Keep the prompts a small policy can sometimes solve: rows with difficulty <= max_difficulty
+    (-1 keeps all; a row without a 'difficulty' field is kept). A GRPO group whose G rewards are
+    all 0 has zero advantage and teaches nothing, so a curriculum of reachable prompts is what makes
+    a short run learn (DAPO's dynamic sampling is the online version, at the price of more sampling)."""
+    if max_difficulty < 0:
+        return prompts
+    kept = [p for p in prompts if int(p["row"].get("difficulty", 0)) <= max_difficulty]
+    if not kept:
+        raise ValueError(f"{path}: no prompt has difficulty <= {max_difficulty}")
+    return kept
+
+
 def make_reward_fn(kind: str, cfg: Config, rm_scorer=None):
     """A batch reward for one sub-stage kind:
     fn(items, texts, ids) -> (rewards [n] list, statuses [n], infos [n])."""
@@ -786,6 +807,10 @@ def make_reward_fn(kind: str, cfg: Config, rm_scorer=None):
         return batch
 
     if kind == "stem":
+        try:  # import the symbolic verifier once here, not in every forked reward worker (~4 s each)
+            import math_verify  # noqa: F401
+        except ImportError:
+            pass
         return per_sample(lambda row, t: math_reward(t, str(row["answer"]), row["question"]), cfg.reward_timeout_s)
     if kind == "code":  # the sandbox bounds itself (time limit, killed process group): called inline
         return per_sample(lambda row, t: code_reward(t, row["tests"], row.get("entry_point"),
@@ -920,8 +945,14 @@ def sample_groups(policy, items: list[dict], cfg: Config, tok, d: C.Dist, seeds:
 
 
 def rl_train(cfg: Config, kind: str, policy, ref, prompts: list[dict], reward_fn, tok, d: C.Dist, dtype,
-             log: C.MetricsLogger, stage_idx: int, step0: int) -> dict:
-    """Run cfg.max_steps RL steps of one sub-stage. Returns {"steps", "last_rollout", "history"}."""
+             log: C.MetricsLogger, stage_idx: int, step0: int, ckpt_dir: Path | None = None,
+             resume_ckpt: Path | None = None) -> dict:
+    """Run cfg.max_steps RL steps of one sub-stage. Returns {"steps", "last_rollout", "history"}.
+
+    With cfg.save_every, a checkpoint goes to ckpt_dir every N steps; resume_ckpt (one of those,
+    whose model/ the policy was loaded from) continues from its step with the same optimizer, RNG,
+    critic and reward normaliser, so the resumed run equals the uninterrupted one.
+    """
     pad = tok.pad_token_id
     G, W = cfg.group_size, d.world_size
     B_local = cfg.prompts_per_step // W
@@ -936,6 +967,8 @@ def rl_train(cfg: Config, kind: str, policy, ref, prompts: list[dict], reward_fn
         critic_lm.load_state_dict({k[3:]: v for k, v in full.items() if k.startswith("lm.")}, strict=False)
         critic = ScalarHeadModel(critic_lm)
         nn.init.zeros_(critic.head.weight)
+        if resume_ckpt is not None:
+            critic.load_state_dict(torch.load(resume_ckpt / "critic.pt", map_location="cpu"))
         critic = C.shard_model(critic, d, dtype, cfg.activation_checkpointing)
         critic_opt = C.make_optimizer(critic, cfg.critic_lr, cfg.weight_decay)
     use_ref = ref is not None and cfg.kl_coef > 0
@@ -944,7 +977,16 @@ def rl_train(cfg: Config, kind: str, policy, ref, prompts: list[dict], reward_fn
     rm_mean, rm_var, rm_count = 0.0, 1.0, 0.0
     history, ro = [], None
     n_items = len(prompts)
-    for step in range(cfg.max_steps):
+    first_step = 0
+    if resume_ckpt is not None:  # optimizer + RNG (+ critic) of the interrupted run
+        state = C.load_checkpoint(resume_ckpt, policy, opt, d)
+        first_step = int(state["step"])
+        rm_mean, rm_var, rm_count = state["rm_moments"]
+        if critic is not None:
+            C.load_optimizer_state(critic, critic_opt, torch.load(resume_ckpt / "critic_optimizer.pt",
+                                                                  map_location="cpu", weights_only=False))
+        C.print0(f"sub-stage {stage_idx}: resumed at step {first_step} from {resume_ckpt}")
+    for step in range(first_step, cfg.max_steps):
         gstep = step0 + step
         t_start = time.time()
         # ---- step 1 rollout: sample G completions per prompt (exact ids kept), reward them;
@@ -1175,6 +1217,13 @@ def rl_train(cfg: Config, kind: str, policy, ref, prompts: list[dict], reward_fn
         }
         log.log(gstep, metrics)
         history.append(metrics)
+        if cfg.save_every and ckpt_dir is not None and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.max_steps:
+            extra = {}
+            if critic is not None:  # collective under FSDP2: every rank gathers
+                cmsd, cosd = C._full_state(critic, critic_opt)
+                extra = {"critic.pt": cmsd, "critic_optimizer.pt": cosd}
+            C.save_checkpoint(ckpt_dir, step + 1, policy, tok, opt, d, cfg,
+                              {"stage": stage_idx, "rm_moments": [rm_mean, rm_var, rm_count]}, extra=extra)
     return {"steps": cfg.max_steps, "last_rollout": ro, "history": history}
 
 
@@ -1316,14 +1365,20 @@ def main(argv=None):
     out_dir = Path(cfg.out_dir)
     dtype = C.resolve_dtype(cfg.precision, d.device)
 
-    # model: start from the last finished sub-stage when resuming
-    start_model, first = cfg.model, 0
+    # model: when resuming, start from the last finished sub-stage, or from the latest step
+    # checkpoint of the unfinished one (<i>_<kind>_ckpts/ckpt-N, written with --save_every)
+    start_model, first, mid = cfg.model, 0, None
+    ckpt_dirs = [out_dir / f"{i}_{s['kind']}_ckpts" for i, s in enumerate(stages, 1)]
     if cfg.resume:
         for i, s in enumerate(stages, 1):
             p = out_dir / f"{i}_{s['kind']}"
             if (p / "config.json").exists():
                 start_model, first = str(p), i
-    if first:
+        if first < len(stages):
+            mid = C.latest_checkpoint(ckpt_dirs[first])
+            if mid is not None:
+                start_model = str(mid / "model")
+    if first or mid:
         C.print0(f"resume: sub-stages 1..{first} done, starting from {start_model}")
     lm, tok = C.load_model_and_tokenizer(start_model, cfg.seed)
     stage_cfgs = [dataclasses.replace(cfg, **s["overrides"]) for s in stages]
@@ -1331,11 +1386,14 @@ def main(argv=None):
         validate(sc, d)
     ref = None
     if any(sc.kl_coef > 0 for sc in stage_cfgs):  # frozen copy of the initial policy (sharded too)
-        ref_lm = C.load_model_and_tokenizer(cfg.model, cfg.seed)[0] if first else copy.deepcopy(lm)
+        ref_lm = C.load_model_and_tokenizer(cfg.model, cfg.seed)[0] if (first or mid) else copy.deepcopy(lm)
         ref = C.LogProbModel(ref_lm).eval()
         ref.requires_grad_(False)
         ref = C.shard_model(ref, d, dtype)
-    policy = C.shard_model(ActorCritic(lm), d, dtype, cfg.activation_checkpointing)
+    policy = ActorCritic(lm)
+    if mid is not None:
+        C.load_extra_state(mid, policy)  # the PPO value head
+    policy = C.shard_model(policy, d, dtype, cfg.activation_checkpointing)
 
     rm_scorer = None
     rm_dir = Path(cfg.reward_model or out_dir / "reward_model")
@@ -1362,28 +1420,43 @@ def main(argv=None):
             s["steps"] = min(s["steps"], cfg.max_steps)
     total_steps = sum(s["steps"] for s in stages)
     done_steps = sum(s["steps"] for s in stages[:first])
-    log = C.MetricsLogger(out_dir, d, total_steps, cfg, cfg.wandb_project, initial_step=done_steps)
-    summary = []
+    mid_step = json.loads((mid / "state.json").read_text())["step"] if mid is not None else 0
+    log = C.MetricsLogger(out_dir, d, total_steps, cfg, cfg.wandb_project, initial_step=done_steps + mid_step)
+    summary_path = out_dir / "summary.json"
+
+    def write_summary():
+        if d.is_main:
+            summary_path.write_text(json.dumps(summary, indent=2))
+
+    # the summary of an interrupted run is continued, not restarted
+    summary = json.loads(summary_path.read_text()) if (first or mid) and summary_path.exists() else []
     t0 = time.time()
-    ev = evaluate(policy, tok, cfg, d, dtype, kinds, rm_scorer)
-    summary.append({"after": "start" if not first else f"{first}_{stages[first - 1]['kind']} (resumed)",
-                    **ev, "minutes": 0.0})
-    C.print0(f"eval at start: {ev}")
+    if not summary:
+        ev = evaluate(policy, tok, cfg, d, dtype, kinds, rm_scorer)
+        label = "start" if not (first or mid) else f"{first}_{stages[first - 1]['kind']} (resumed)" if first else "resumed"
+        summary.append({"after": label, **ev, "minutes": 0.0})
+        C.print0(f"eval at start: {ev}")
+        write_summary()
     step0 = done_steps
     for i, (s, sc) in enumerate(zip(stages, stage_cfgs), 1):
         if i <= first:
             continue
         sc = dataclasses.replace(sc, max_steps=s["steps"])
-        prompts = stage_prompts(s["kind"], s["data"], tok, sc)
+        prompts = select_prompts(stage_prompts(s["kind"], s["data"], tok, sc), sc.max_difficulty, s["data"])
         reward_fn = make_reward_fn(s["kind"], sc, rm_scorer)
-        C.print0(f"sub-stage {i}: {s['kind']} on {s['data']} for {s['steps']} steps ({sc.algo}, lr {sc.lr})")
+        C.print0(f"sub-stage {i}: {s['kind']} on {s['data']} ({len(prompts)} prompts) for {s['steps']} steps "
+                 f"({sc.algo}, lr {sc.lr})")
         ts = time.time()
-        rl_train(sc, s["kind"], policy, ref, prompts, reward_fn, tok, d, dtype, log, i, step0)
+        rl_train(sc, s["kind"], policy, ref, prompts, reward_fn, tok, d, dtype, log, i, step0,
+                 ckpt_dir=ckpt_dirs[i - 1], resume_ckpt=mid if i == first + 1 else None)
         step0 += s["steps"]
         C.save_hf(policy, tok, out_dir / f"{i}_{s['kind']}", d)
+        if d.is_main:  # the sub-stage's HF dir now marks it finished: its step checkpoints can go
+            shutil.rmtree(ckpt_dirs[i - 1], ignore_errors=True)
         ev = evaluate(policy, tok, cfg, d, dtype, kinds, rm_scorer)
         summary.append({"after": f"{i}_{s['kind']}", **ev, "minutes": round((time.time() - ts) / 60, 2)})
         C.print0(f"eval after sub-stage {i} ({s['kind']}): {ev}")
+        write_summary()
     C.save_hf(policy, tok, out_dir / "final", d)
     log.close()
     if d.is_main:
@@ -1394,7 +1467,7 @@ def main(argv=None):
                                     else str(row.get(c, "")) for c in cols))
         table = "\n".join(lines)
         print(f"\nsummary ({(time.time() - t0) / 60:.1f} min)\n{table}", flush=True)
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_summary()
     C.cleanup_distributed(d)
     return summary
 

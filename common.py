@@ -930,12 +930,15 @@ def save_hf(model: nn.Module, tok, path: str | Path, d: Dist, full_state: dict |
 
 
 def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module, tok, opt, d: Dist, cfg,
-                    train_state: dict, keep_last: int = 2) -> Path:
+                    train_state: dict, keep_last: int = 2, extra: dict | None = None) -> Path:
     """Write out_dir/ckpt-{step:06d}/ = model/ (HF) + optimizer.pt + state.json + rng_rank{r}.pt + config.json.
 
     Everything goes to a .tmp directory first and is renamed into place only when complete, so a
     run killed mid-write leaves the previous checkpoint intact. Weights and optimizer state are the
     full-precision fp32 masters (PITFALLS #18). `train_state` holds the data position.
+    Parameters of a LogProbModel outside its HF model (e.g. a value head) go to extra_state.pt
+    (restore with load_extra_state before sharding); `extra` = {file name: object} is torch.save'd
+    by rank 0 into the same directory (full states must be gathered by every rank beforehand).
     """
     out_dir = Path(out_dir)
     final = out_dir / f"ckpt-{step:06d}"
@@ -946,6 +949,13 @@ def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module, tok, opt, 
         tmp.mkdir(parents=True)
     barrier(d)
     save_hf(model, tok, tmp / "model", d, full_state=msd)
+    if d.is_main and isinstance(model, LogProbModel):
+        outside = {k: v for k, v in msd.items() if not k.startswith("lm.")}
+        if outside:
+            torch.save(outside, tmp / "extra_state.pt")
+    if d.is_main:
+        for name, obj in (extra or {}).items():
+            torch.save(obj, tmp / name)
     rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
@@ -970,15 +980,30 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load_checkpoint(ckpt: Path, model: nn.Module, opt, d: Dist) -> dict:
-    """Restore optimizer state, RNG and return the saved train_state. The model weights were
-    already loaded from ckpt/model (pass it as the model path before sharding)."""
-    osd = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=False)
+def load_extra_state(ckpt: Path, model: nn.Module) -> None:
+    """Load the parameters save_checkpoint kept outside the HF model (e.g. a value head) into an
+    UNSHARDED model; a checkpoint without them is left as is."""
+    f = Path(ckpt) / "extra_state.pt"
+    if f.exists():
+        missing, unexpected = model.load_state_dict(torch.load(f, map_location="cpu"), strict=False)
+        if unexpected:
+            raise ValueError(f"{f}: parameters {unexpected[:4]} do not exist in the model")
+
+
+def load_optimizer_state(model: nn.Module, opt, osd: dict) -> None:
+    """A full (unsharded) optimizer state dict into `opt`, sharded or not."""
     if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
         set_optimizer_state_dict(model, opt, optim_state_dict=osd, options=StateDictOptions(full_state_dict=True))
     else:
         opt.load_state_dict(osd)
+
+
+def load_checkpoint(ckpt: Path, model: nn.Module, opt, d: Dist) -> dict:
+    """Restore optimizer state, RNG and return the saved train_state. The model weights were
+    already loaded from ckpt/model (pass it as the model path before sharding; parameters outside
+    the HF model with load_extra_state)."""
+    load_optimizer_state(model, opt, torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=False))
     rng_file = ckpt / f"rng_rank{d.rank}.pt"
     if rng_file.exists():
         rng = torch.load(rng_file, weights_only=False)

@@ -248,3 +248,59 @@ def test_one_process_accum2_equals_two_processes(tmp_path):
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
     assert moved > 1e-4  # the update did something ...
     assert diff < 1e-6   # ... and the same thing in both layouts
+
+
+# ---------------------------------------------------------------------------- resume inside a sub-stage
+
+class _Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("critic", ["separate", "head"])
+def test_killed_run_resumes_mid_stage_like_uninterrupted(tmp_path, monkeypatch, critic):
+    """PPO (critic and its optimizer, value head, policy optimizer, RNG all in the checkpoint):
+    4 steps straight == killed during step 3 (after the step-2 checkpoint) then resumed."""
+    from safetensors.torch import load_file
+    args = TINY + ["toy", "--eval_limit", "2", "--eval_max_new_tokens", "4",
+                   "--stages", f"toy:{ROOT}/data/math_train.jsonl:4", "--algo", "ppo", "--critic", critic,
+                   "--prompts_per_step", "2", "--group_size", "2", "--micro_batch_size", "2",
+                   "--max_new_tokens", "6", "--lr", "1e-3", "--critic_lr", "1e-3", "--kl_coef", "0.05",
+                   "--save_every", "2"]
+    rl.main(args + ["--out_dir", str(tmp_path / "straight")])
+    assert not (tmp_path / "straight" / "1_toy_ckpts").exists()  # removed once the sub-stage finished
+
+    real_log = C.MetricsLogger.log
+
+    def dying_log(self, step, metrics):
+        if step == 2:
+            raise _Killed()
+        return real_log(self, step, metrics)
+
+    monkeypatch.setattr(C.MetricsLogger, "log", dying_log)
+    with pytest.raises(_Killed):
+        rl.main(args + ["--out_dir", str(tmp_path / "killed")])
+    monkeypatch.setattr(C.MetricsLogger, "log", real_log)
+    ck = tmp_path / "killed" / "1_toy_ckpts" / "ckpt-000002"
+    assert (ck / "state.json").exists() and not (tmp_path / "killed" / "1_toy").exists()
+    assert (ck / "critic.pt").exists() if critic == "separate" else (ck / "extra_state.pt").exists()
+    rl.main(args + ["--out_dir", str(tmp_path / "killed"), "--resume", "true"])
+
+    a = load_file(tmp_path / "straight" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "killed" / "final" / "model.safetensors")
+    init = C.load_model_and_tokenizer("tiny")[0].state_dict()
+    assert max((a[k] - init[k]).abs().max().item() for k in a) > 1e-4
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    ma, mb = _metrics(tmp_path / "straight"), _metrics(tmp_path / "killed")
+    assert [m["step"] for m in mb] == [0, 1, 2, 3]
+    for x, y in zip(ma, mb):
+        assert x["reward_mean"] == y["reward_mean"] and x["value_loss"] == pytest.approx(y["value_loss"], rel=1e-5)
+    summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
+    assert [r["after"] for r in summary] == ["start", "1_toy"]
+
+
+def test_select_prompts_by_difficulty():
+    prompts = [{"row": {"difficulty": d}} for d in (1, 2, 3)] + [{"row": {}}]
+    assert rl.select_prompts(prompts, -1, "f") == prompts
+    assert [p["row"].get("difficulty") for p in rl.select_prompts(prompts, 2, "f")] == [1, 2, None]
+    with pytest.raises(ValueError, match="difficulty <= 0"):
+        rl.select_prompts(prompts[:3], 0, "f")
