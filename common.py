@@ -47,7 +47,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
 IGNORE = -100  # label value for "no loss here" (the PyTorch / HF convention)
 

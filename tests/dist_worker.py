@@ -12,7 +12,6 @@ Rank 0 writes out/result.json (losses, grad norms, generations) and out/weights.
 """
 import argparse
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path

@@ -20,15 +20,6 @@ import common as C  # noqa: E402
 IGNORE = C.IGNORE
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared CPU thread spin-waits make them 40x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tok():
     return C.tiny_tokenizer()

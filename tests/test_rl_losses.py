@@ -2,7 +2,6 @@
 
 Each against hand-computed values and a slow float64 loop reference.
 """
-import importlib.util
 import math
 import os
 import sys
@@ -13,17 +12,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-def load_rl():
-    """Import 04_rl.py (a name starting with a digit) once; registered so dataclasses can see it."""
-    if "rl04" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("rl04", os.path.join(ROOT, "04_rl.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["rl04"] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules["rl04"]
+from stage_scripts import load_script  # noqa: E402
 
-
-rl = load_rl()
+rl = load_script("04_rl.py", "rl04")
 
 
 # ---------------------------------------------------------------------------- group advantages

@@ -1,6 +1,5 @@
 """Stage 4 reward system: math / code / S2R / shaping rewards on tricky cases, and safe_reward
 against rewards that raise, hang (in Python and in C) or return NaN."""
-import importlib.util
 import os
 import sys
 import time
@@ -12,16 +11,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def load_rl():
-    if "rl04" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("rl04", os.path.join(ROOT, "04_rl.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["rl04"] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules["rl04"]
+from stage_scripts import load_script  # noqa: E402
 
-
-rl = load_rl()
+rl = load_script("04_rl.py", "rl04")
 Q = "Tom has 6 apples and buys 7 more. How many apples does he have?"
 
 

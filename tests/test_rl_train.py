@@ -2,7 +2,6 @@
 sampled EOS kept in the mask with pad == eos (#7, #8), token ids carried end to end (#10),
 dynamic sampling (#3), GRPO and PPO learning a toy task with a known optimum, the Bradley-Terry
 reward model, and 1 process x accumulation 2 == 2 processes x accumulation 1 (#1)."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -15,20 +14,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common as C  # noqa: E402
+from stage_scripts import load_script  # noqa: E402
 
-torch.set_num_threads(1)  # the machine is shared: tiny models are fastest on one thread
-
-
-def load_rl():
-    if "rl04" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("rl04", os.path.join(ROOT, "04_rl.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["rl04"] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules["rl04"]
-
-
-rl = load_rl()
+rl = load_script("04_rl.py", "rl04")
 TINY = ["--model", "tiny", "--precision", "fp32", "--resume", "false", "--eval_kinds"]
 
 

@@ -7,7 +7,6 @@ masks, difficulty -> attempts, both verification styles, perturbed fallbacks, ba
 verifiers that raise or hang); the eval's trajectory parser and verdict scoring; a learning test;
 stop-and-resume == uninterrupted.
 """
-import importlib.util
 import json
 import os
 import subprocess
@@ -24,29 +23,13 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common as C  # noqa: E402
+from stage_scripts import load_script  # noqa: E402
 
 IGNORE = C.IGNORE
 DATA = ROOT / "data"
 
 
-def _load(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # dataclasses and parse_config look the module up by name
-    spec.loader.exec_module(mod)
-    return mod
-
-
-S1 = _load("cold_start_sft", ROOT / "01_cold_start_sft.py")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads; on a shared CPU spin-waiting threads slow them down."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+S1 = load_script("01_cold_start_sft.py", "cold_start_sft")
 
 
 @pytest.fixture(scope="module")

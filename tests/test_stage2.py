@@ -4,7 +4,6 @@ Masks on decoded text, the mixture sampler (weights, determinism, resume, no rep
 epoch), the curricula, difficulty, bad input, tool-call parsing and the executed agent loop, a
 learning test, kill-and-resume through the CLI, and a 2-process torchrun (gloo) run.
 """
-import importlib.util
 import json
 import os
 import subprocess
@@ -20,29 +19,13 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common as C  # noqa: E402
+from stage_scripts import load_script  # noqa: E402
 
 IGNORE = C.IGNORE
 DATA = ROOT / "data"
 
 
-def _load(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # dataclasses and parse_config look the module up by name
-    spec.loader.exec_module(mod)
-    return mod
-
-
-S2 = _load("overall_sft", ROOT / "02_overall_sft.py")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads; on a shared CPU spin-waiting threads slow them down."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+S2 = load_script("02_overall_sft.py", "overall_sft")
 
 
 @pytest.fixture(scope="module")
