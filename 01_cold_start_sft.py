@@ -93,7 +93,6 @@ Run (from the repo root)
 from __future__ import annotations
 
 import ast
-import contextlib
 import json
 import re
 import threading
@@ -109,7 +108,6 @@ import torch.distributed as dist
 
 import common as C
 
-REPO = Path(__file__).resolve().parent
 
 # ----------------------------------------------------------------------------------------------
 # Config
@@ -235,12 +233,6 @@ def first_attempt(text: str) -> str:
 # Data: tasks (math questions, code tasks), validated; bad rows counted and skipped
 
 
-def resolve_path(p: str) -> Path:
-    """Relative paths are taken from the current directory, else from the repo root."""
-    path = Path(p)
-    return path if path.is_absolute() or path.exists() or not (REPO / path).exists() else REPO / path
-
-
 def math_task(row: dict, instruction: str = "") -> dict:
     """A math row -> task; raises C.DataError (-> counted skip) when a field is missing or empty."""
     for k in ("question", "answer", "solution"):
@@ -270,7 +262,7 @@ def load_tasks(path: str, domain: str, skipped: Counter, instruction: str = "",
     still raises (C.read_jsonl names file:line); rows with missing fields are counted in
     `skipped[f"{domain}_{reason}"]` and reported, never silently dropped."""
     tasks = []
-    for line, row in enumerate(C.read_jsonl(resolve_path(path)), 1):
+    for line, row in enumerate(C.read_jsonl(C.resolve_path(path)), 1):
         try:
             t = math_task(row, instruction) if domain == "math" else code_task(row)
         except C.DataError as e:
@@ -660,25 +652,6 @@ def reference_trajectory(task: dict, style: str, rng: np.random.Generator, grade
 # Model helpers: generation in batches, held-out loss
 
 
-def fwd_context(policy, d, dtype):
-    """Autocast for an unsharded model; FSDP2's MixedPrecisionPolicy handles sharded ones."""
-    return contextlib.nullcontext() if C.is_sharded(policy) else C.autocast(d.device, dtype)
-
-
-def generate_texts(policy, tok, prompts: list[list[int]], max_new_tokens: int, batch_size: int, d, dtype,
-                   temperature: float = 0.0, seed: int = 0) -> list[str]:
-    """Responses (decoded, special tokens removed) for prompt id lists, in batches. Call inside
-    C.gathered_for_generation (no collectives inside, so ranks may hold different shards)."""
-    texts = []
-    for i in range(0, len(prompts), batch_size):
-        gen = torch.Generator(device=d.device).manual_seed(seed * 1_000_003 + i) if temperature > 0 else None
-        with fwd_context(policy, d, dtype):
-            g = C.generate(policy, prompts[i:i + batch_size], max_new_tokens, eos_ids=tok.eos_token_id,
-                           pad_id=tok.pad_token_id, temperature=temperature, generator=gen)
-        texts += [tok.decode(g.response_ids(j), skip_special_tokens=True) for j in range(g.tokens.shape[0])]
-    return texts
-
-
 def gather_lists(items: list, d) -> list:
     """Concatenate a list across ranks (rank order). Collective: stage 0 samples its shard of the
     questions on each rank and rank 0 writes the one trajectories file."""
@@ -687,19 +660,6 @@ def gather_lists(items: list, d) -> list:
     out = [None] * d.world_size
     dist.all_gather_object(out, items)
     return [x for part in out for x in part]
-
-
-@torch.no_grad()
-def loss_sums(policy, samples: list[dict], batch_size: int, pad_id: int, d, dtype) -> tuple[float, int]:
-    """(sum of -log p over trained tokens, trained tokens) of held-out samples, one sample per row."""
-    total, n = 0.0, 0
-    for i in range(0, len(samples), batch_size):
-        b = {k: v.to(d.device) for k, v in C.collate(samples[i:i + batch_size], pad_id).items()}
-        with fwd_context(policy, d, dtype):
-            out = policy(b["input_ids"], b["labels"], position_ids=b["position_ids"])
-        total += float(C.masked_ce_loss(out["logp"], b["labels"], 1))
-        n += C.count_trained(b["labels"])
-    return total, n
 
 
 # ----------------------------------------------------------------------------------------------
@@ -732,8 +692,8 @@ def build_trajectories(policy, tok, cfg: Config, d, dtype, grader=default_grader
     t0 = time.time()
     policy.eval()
     with C.gathered_for_generation(policy), torch.no_grad():
-        texts = generate_texts(policy, tok, prompts, cfg.sample_max_new_tokens, cfg.sample_batch_size, d, dtype,
-                               temperature=cfg.sample_temperature, seed=cfg.seed * 7919 + d.rank + 1)
+        texts = C.generate_texts(policy, tok, prompts, cfg.sample_max_new_tokens, cfg.sample_batch_size, d, dtype,
+                                 temperature=cfg.sample_temperature, seed=cfg.seed * 7919 + d.rank + 1)
     policy.train()
     C.print0(f"[build] sampled {len(texts)} responses on rank 0 in {time.time() - t0:.0f}s")
     out = []
@@ -940,12 +900,12 @@ def evaluate(policy, tok, cfg: Config, sets: dict, d, dtype, full: bool = True, 
 
     with C.gathered_for_generation(policy), torch.no_grad():
         if sets["loss"]:
-            tot, n = loss_sums(policy, sets["loss"][r::W], cfg.eval_batch_size, tok.pad_token_id, d, dtype)
+            tot, n = C.loss_sums(policy, sets["loss"][r::W], cfg.eval_batch_size, tok.pad_token_id, d, dtype)
             sums["loss_num"], sums["loss_den"] = tot, n
         if full:  # math and code prompts share the generate batches (fewer, fuller batches)
             tasks = sets["math"][r::W] + sets["code"][r::W]
             prompts = [C.chat_prompt_ids(tok, prompt_messages(t, cfg.system_prompt)) for t in tasks]
-            texts = generate_texts(policy, tok, prompts, cfg.eval_max_new_tokens, cfg.eval_batch_size, d, dtype)
+            texts = C.generate_texts(policy, tok, prompts, cfg.eval_max_new_tokens, cfg.eval_batch_size, d, dtype)
             for dom in ("math", "code"):
                 pairs = [(t, x) for t, x in zip(tasks, texts) if t["domain"] == dom]
                 for k, v in score_responses([t for t, _ in pairs], [x for _, x in pairs], grade).items():
@@ -982,17 +942,6 @@ def write_responses(path: Path, responses: list[dict], d) -> None:
     if d.is_main:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in responses))
-
-
-def numeric(ev: dict) -> dict:
-    return {k: v for k, v in ev.items() if isinstance(v, (int, float))}
-
-
-def print_table(start: dict, end: dict) -> None:
-    C.print0(f"{'metric':<26}{'start':>10}{'end':>10}{'change':>10}")
-    for k in end:
-        if isinstance(end[k], float) and isinstance(start.get(k), float):
-            C.print0(f"{k:<26}{start[k]:>10.4f}{end[k]:>10.4f}{end[k] - start[k]:>+10.4f}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1058,12 +1007,12 @@ def main(argv=None, grader=default_grader):
         t0 = time.time()
         ev = evaluate(policy, tok, cfg, eval_sets, d, dtype, grader=grader)
         write_responses(out_dir / "eval_responses.jsonl", ev.pop("responses"), d)
-        summary = {"model": cfg.model, "eval": numeric(ev), "examples": ev["examples"],
+        summary = {"model": cfg.model, "eval": C.numeric(ev), "examples": ev["examples"],
                    "skipped": dict(skipped), "eval_seconds": time.time() - t0}
         if d.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / "eval_summary.json").write_text(json.dumps(summary, indent=2))
-        C.print0(json.dumps(numeric(ev), indent=1))
+        C.print0(json.dumps(C.numeric(ev), indent=1))
         C.cleanup_distributed(d)
         return summary
 
@@ -1094,10 +1043,10 @@ def main(argv=None, grader=default_grader):
     if eval_start is None:
         t0 = time.time()
         eval_start = evaluate(policy, tok, cfg, eval_sets, d, dtype, grader=grader)
-        log.log(0, {f"eval_{k}": v for k, v in numeric(eval_start).items()} | {"eval_seconds": time.time() - t0},
+        log.log(0, {f"eval_{k}": v for k, v in C.numeric(eval_start).items()} | {"eval_seconds": time.time() - t0},
                 advance=False)
         write_responses(out_dir / "eval_start_responses.jsonl", eval_start.pop("responses"), d)
-        C.print0("[eval start] " + json.dumps(numeric(eval_start)))
+        C.print0("[eval start] " + json.dumps(C.numeric(eval_start)))
 
     # ---- loop
     for step in range(start_step, total_steps):
@@ -1118,7 +1067,7 @@ def main(argv=None, grader=default_grader):
                 policy.set_requires_gradient_sync(a == len(micro) - 1)
             b = {k: v.to(d.device) for k, v in b.items()}
             empty = C.count_trained(b["labels"]) == 0
-            with fwd_context(policy, d, dtype):
+            with C.fwd_context(policy, d, dtype):
                 out = policy(b["input_ids"], b["labels"], position_ids=b["position_ids"], return_hidden=empty)
                 loss = masked_token_ce(out["logp"], b["labels"], n_tokens)
                 if empty:  # keep every parameter in the graph so FSDP's reduce-scatter runs on every rank
@@ -1136,7 +1085,7 @@ def main(argv=None, grader=default_grader):
                        "tokens_per_s": n_in / (time.time() - t0), "phase": phase, "pos": pos})
         if cfg.eval_every and done % cfg.eval_every == 0 and done < total_steps:
             ev = evaluate(policy, tok, cfg, eval_sets, d, dtype, full=False, grader=grader)
-            log.log(done, {f"eval_{k}": v for k, v in numeric(ev).items()}, advance=False)
+            log.log(done, {f"eval_{k}": v for k, v in C.numeric(ev).items()}, advance=False)
         if (cfg.save_every and done % cfg.save_every == 0) or done == total_steps or done == cfg.stop_after:
             C.save_checkpoint(out_dir, done, policy, tok, opt, d, cfg,
                               {"pos": pos, "eval_start": eval_start, "skipped": dict(skipped)})
@@ -1149,11 +1098,11 @@ def main(argv=None, grader=default_grader):
     # ---- eval at the end, save
     t0 = time.time()
     eval_end = evaluate(policy, tok, cfg, eval_sets, d, dtype, grader=grader)
-    log.log(total_steps, {f"eval_{k}": v for k, v in numeric(eval_end).items()} | {"eval_seconds": time.time() - t0},
+    log.log(total_steps, {f"eval_{k}": v for k, v in C.numeric(eval_end).items()} | {"eval_seconds": time.time() - t0},
             advance=False)
     write_responses(out_dir / "eval_end_responses.jsonl", eval_end.pop("responses"), d)
     C.save_hf(policy, tok, out_dir / "final", d)
-    s, e = numeric(eval_start), numeric(eval_end)
+    s, e = C.numeric(eval_start), C.numeric(eval_end)
     summary = {"start": s, "end": e, "change": {k: e[k] - s[k] for k in e if k in s and isinstance(e[k], float)},
                "objective": cfg.objective, "steps": total_steps, "skipped": dict(skipped),
                "build": dict(build_counts) if build_counts else None,
@@ -1161,7 +1110,7 @@ def main(argv=None, grader=default_grader):
                "examples_start": eval_start.get("examples", []), "examples_end": eval_end.get("examples", [])}
     if d.is_main:
         (out_dir / "eval_summary.json").write_text(json.dumps(summary, indent=2))
-    print_table(s, e)
+    C.print_table(s, e)
     for ex in eval_end.get("examples", []):
         C.print0("[example end]\n" + ex)
     C.print0(f"done in {(time.time() - t_start) / 60:.1f} min; final model in {out_dir / 'final'}")

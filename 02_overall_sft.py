@@ -69,7 +69,6 @@ Run (from the repo root)
 """
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import math
@@ -85,7 +84,6 @@ import torch
 
 import common as C
 
-REPO = Path(__file__).resolve().parent
 
 # ----------------------------------------------------------------------------------------------
 # Config
@@ -158,14 +156,6 @@ class Source:
     weight_end: float
 
 
-def resolve_path(p: str) -> Path:
-    """Relative paths are taken from the current directory, else from the repo root."""
-    path = Path(p)
-    if path.is_absolute() or path.exists() or not (REPO / path).exists():
-        return path
-    return REPO / path
-
-
 def _check_weight(name: str, w, what: str) -> float:
     try:
         w = float(w)
@@ -198,7 +188,7 @@ def parse_mixture(data: list[str], mixture_file: str = "", weights_end: list[str
     """
     sources: list[Source] = []
     if mixture_file:
-        path = resolve_path(mixture_file)
+        path = C.resolve_path(mixture_file)
         if not path.exists():
             raise FileNotFoundError(f"--mixture_file {mixture_file}: file not found")
         if path.suffix in (".yaml", ".yml"):
@@ -233,7 +223,7 @@ def parse_mixture(data: list[str], mixture_file: str = "", weights_end: list[str
             raise ValueError(f"--weights_end {spec!r}: no source named {name!r} (sources: {names})")
         by_name[name].weight_end = _check_weight(name, w, "weight_end")
     for s in sources:
-        if not resolve_path(s.path).exists():
+        if not C.resolve_path(s.path).exists():
             raise FileNotFoundError(f"mixture source {s.name!r}: {s.path}: file not found")
     return sources
 
@@ -371,7 +361,7 @@ def load_source(name: str, path: str, tok, max_len: int, overlong: str, difficul
     skips counts dropped samples by reason (unknown_role, bad_tool_call, unknown_format, malformed,
     no_trained_token, overlong); the first message of each reason is printed.
     """
-    path_ = resolve_path(path)
+    path_ = C.resolve_path(path)
     if not path_.exists():
         raise FileNotFoundError(f"source {name!r}: {path}: file not found")
     rows = C.read_jsonl(path_)
@@ -662,54 +652,6 @@ def run_agent_tasks(tasks: list[dict], generate_turns, run_tool, max_rounds: int
 # Eval: model parts
 
 
-def fwd_context(policy, d, dtype):
-    """Autocast for an unsharded model; FSDP2's MixedPrecisionPolicy handles sharded ones."""
-    return contextlib.nullcontext() if C.is_sharded(policy) else C.autocast(d.device, dtype)
-
-
-class LastLogitsOnly(torch.nn.Module):
-    """The HF model with logits_to_keep=1. C.generate only reads the last position's logits, but a
-    plain forward computes them for the whole prompt at prefill: a [B, P, V] fp32 tensor (1.4 GB
-    for 8 agent prompts of 450 tokens with V = 49152) and ~25% extra prefill FLOPs for SmolLM2.
-    Local workaround; proposed for C.generate itself. Under FSDP2 it is used inside
-    C.gathered_for_generation, like C.generate's own direct call of policy.lm."""
-
-    def __init__(self, lm: torch.nn.Module):
-        super().__init__()
-        self.inner = lm
-
-    def forward(self, **kwargs):
-        return self.inner(**kwargs, logits_to_keep=1)
-
-
-def generate_texts(policy, tok, prompts: list[list[int]], max_new_tokens: int, batch_size: int, d, dtype,
-                   stop_strings=()) -> list[str]:
-    """Greedy responses (decoded, special tokens removed) for prompt id lists, in batches."""
-    texts = []
-    lm = LastLogitsOnly(policy.lm)
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
-        with fwd_context(policy, d, dtype):
-            g = C.generate(lm, chunk, max_new_tokens, eos_ids=tok.eos_token_id, pad_id=tok.pad_token_id,
-                           temperature=0.0, stop_strings=stop_strings, tok=tok if stop_strings else None)
-        texts += [tok.decode(g.response_ids(j), skip_special_tokens=True) for j in range(len(chunk))]
-    return texts
-
-
-@torch.no_grad()
-def domain_loss_sums(policy, samples: list[dict], batch_size: int, pad_id: int, d, dtype) -> tuple[float, int]:
-    """(sum of -log p over trained tokens, trained tokens) of held-out samples, one sample per row."""
-    total, n = 0.0, 0
-    for i in range(0, len(samples), batch_size):
-        b = C.collate(samples[i:i + batch_size], pad_id)
-        b = {k: v.to(d.device) for k, v in b.items()}
-        with fwd_context(policy, d, dtype):
-            out = policy(b["input_ids"], b["labels"], position_ids=b["position_ids"])
-        total += float(C.masked_ce_loss(out["logp"], b["labels"], 1))
-        n += C.count_trained(b["labels"])
-    return total, n
-
-
 def evaluate(policy, tok, cfg: Config, sets: dict, run_tool, d, dtype, full: bool = True) -> dict:
     """Held-out loss per domain; with full=True also agent validity / success and math accuracy.
 
@@ -722,14 +664,14 @@ def evaluate(policy, tok, cfg: Config, sets: dict, run_tool, d, dtype, full: boo
     sums = {}
     with C.gathered_for_generation(policy), torch.no_grad():
         for name, samples in sets["loss"].items():
-            sums[f"lossnum_{name}"], sums[f"lossden_{name}"] = domain_loss_sums(
+            sums[f"lossnum_{name}"], sums[f"lossden_{name}"] = C.loss_sums(
                 policy, samples[r::W], cfg.eval_batch_size, tok.pad_token_id, d, dtype)
         examples = []
         if full and sets["agent"]:
             def generate_turns(batch):
                 prompts = [C.chat_prompt_ids(tok, m, t) for m, t in batch]
-                return generate_texts(policy, tok, prompts, cfg.agent_max_new_tokens, cfg.eval_batch_size, d, dtype,
-                                      stop_strings=(C.TOOL_CALL_CLOSE,))
+                return C.generate_texts(policy, tok, prompts, cfg.agent_max_new_tokens, cfg.eval_batch_size, d, dtype,
+                                        stop_strings=(C.TOOL_CALL_CLOSE,))
             st = run_agent_tasks(sets["agent"][r::W], generate_turns, run_tool, cfg.agent_max_rounds)
             examples = st.pop("examples")[:2]
             for k in ("n", "call", "valid", "tool_error", "success"):
@@ -737,7 +679,7 @@ def evaluate(policy, tok, cfg: Config, sets: dict, run_tool, d, dtype, full: boo
         if full and sets["math"]:
             rows = sets["math"][r::W]
             prompts = [C.chat_prompt_ids(tok, [{"role": "user", "content": q["question"]}]) for q in rows]
-            texts = generate_texts(policy, tok, prompts, cfg.math_max_new_tokens, cfg.eval_batch_size, d, dtype)
+            texts = C.generate_texts(policy, tok, prompts, cfg.math_max_new_tokens, cfg.eval_batch_size, d, dtype)
             scores = [C.score_math(t, str(q["answer"]), prompt=q["question"]) for t, q in zip(texts, rows)]
             sums["math_n"] = len(rows)
             sums["math_correct"] = sum(s for s, _ in scores)
@@ -774,7 +716,7 @@ def load_eval_sets(cfg: Config, tok) -> tuple[dict, Counter]:
         sets["loss"][name] = samples
         skips.update({f"eval_{name}_{k}": v for k, v in sk.items()})
     if cfg.agent_test and cfg.eval_limit > 0:
-        for line, row in enumerate(C.read_jsonl(resolve_path(cfg.agent_test)), 1):
+        for line, row in enumerate(C.read_jsonl(C.resolve_path(cfg.agent_test)), 1):
             if len(sets["agent"]) >= cfg.eval_limit:
                 break
             try:
@@ -788,13 +730,13 @@ def load_eval_sets(cfg: Config, tok) -> tuple[dict, Counter]:
                 continue
             sets["agent"].append({"messages": msgs, "tools": row.get("tools"), "expected": str(row["task"]["expected"])})
     if cfg.math_test and cfg.eval_limit > 0:
-        sets["math"] = C.read_jsonl(resolve_path(cfg.math_test), required=("question", "answer"))[:cfg.eval_limit]
+        sets["math"] = C.read_jsonl(C.resolve_path(cfg.math_test), required=("question", "answer"))[:cfg.eval_limit]
     return sets, skips
 
 
 def load_run_tool(path: str):
     """run_tool(name, arguments) from a python file (the data generator), imported by path."""
-    p = resolve_path(path)
+    p = C.resolve_path(path)
     if not p.exists():
         raise FileNotFoundError(f"--tools_module {path}: file not found")
     spec = importlib.util.spec_from_file_location(f"_tools_{p.stem}", p)
@@ -807,17 +749,6 @@ def load_run_tool(path: str):
     if not hasattr(mod, "run_tool"):
         raise AttributeError(f"--tools_module {path} has no run_tool(name, arguments)")
     return mod.run_tool
-
-
-def eval_metrics(ev: dict) -> dict:
-    return {k: v for k, v in ev.items() if isinstance(v, (int, float))}
-
-
-def print_table(start: dict, end: dict) -> None:
-    C.print0(f"{'metric':<20}{'start':>10}{'end':>10}{'change':>10}")
-    for k in end:
-        if k in start and isinstance(end[k], float):
-            C.print0(f"{k:<20}{start[k]:>10.4f}{end[k]:>10.4f}{end[k] - start[k]:>+10.4f}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -876,7 +807,7 @@ def main(argv=None):
     if eval_start is None:
         t0 = time.time()
         eval_start = evaluate(policy, tok, cfg, eval_sets, run_tool, d, dtype, full=True)
-        log.log(0, {f"eval_{k}": v for k, v in eval_metrics(eval_start).items()} | {"eval_seconds": time.time() - t0},
+        log.log(0, {f"eval_{k}": v for k, v in C.numeric(eval_start).items()} | {"eval_seconds": time.time() - t0},
                 advance=False)
 
     # ---- loop
@@ -899,7 +830,7 @@ def main(argv=None):
                 policy.set_requires_gradient_sync(a == len(micro) - 1)
             b = {k: v.to(d.device) for k, v in b.items()}
             empty = C.count_trained(b["labels"]) == 0
-            with fwd_context(policy, d, dtype):
+            with C.fwd_context(policy, d, dtype):
                 out = policy(b["input_ids"], b["labels"], position_ids=b["position_ids"], return_hidden=empty)
                 loss = C.masked_ce_loss(out["logp"], b["labels"], n_tokens)
                 if empty:  # only empty rows: keep every parameter in the graph so FSDP's gradient
@@ -918,7 +849,7 @@ def main(argv=None):
         done = step + 1
         if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.max_steps:
             ev = evaluate(policy, tok, cfg, eval_sets, run_tool, d, dtype, full=False)
-            log.log(done, {f"eval_{k}": v for k, v in eval_metrics(ev).items()}, advance=False)
+            log.log(done, {f"eval_{k}": v for k, v in C.numeric(ev).items()}, advance=False)
         if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.max_steps or done == cfg.stop_after:
             save(done)
         if cfg.stop_after and done == cfg.stop_after and done < cfg.max_steps:
@@ -930,10 +861,10 @@ def main(argv=None):
     # ---- eval at the end, save
     t0 = time.time()
     eval_end = evaluate(policy, tok, cfg, eval_sets, run_tool, d, dtype, full=True)
-    log.log(cfg.max_steps, {f"eval_{k}": v for k, v in eval_metrics(eval_end).items()}
+    log.log(cfg.max_steps, {f"eval_{k}": v for k, v in C.numeric(eval_end).items()}
             | {"eval_seconds": time.time() - t0}, advance=False)
     C.save_hf(policy, tok, out_dir / "final", d)
-    s, e = eval_metrics(eval_start), eval_metrics(eval_end)
+    s, e = C.numeric(eval_start), C.numeric(eval_end)
     summary = {"start": s, "end": e, "change": {k: e[k] - s[k] for k in e if k in s and isinstance(e[k], float)},
                "math_margin": cfg.math_margin,
                "math_retained": (e["math_acc"] >= s["math_acc"] - cfg.math_margin) if "math_acc" in e else None,
@@ -941,7 +872,7 @@ def main(argv=None):
                "examples_end": eval_end.get("examples", [])}
     if d.is_main:
         (out_dir / "eval_summary.json").write_text(json.dumps(summary, indent=2))
-    print_table(s, e)
+    C.print_table(s, e)
     if summary["math_retained"] is not None:
         C.print0(f"math accuracy {s['math_acc']:.3f} -> {e['math_acc']:.3f}: "
                  f"{'retained' if summary['math_retained'] else 'DROPPED'} within margin {cfg.math_margin}")

@@ -418,11 +418,11 @@ def test_agent_loop_scripted(mode, expect):
         assert len(seen) == 6
 
 
-def test_last_logits_only_generates_the_same(tok):
+def test_generate_same_from_hf_model_and_logprob_wrapper(tok):
     lm = C.tiny_model(tok, seed=0)
     prompts = [tok("hello there " * k)["input_ids"] for k in (1, 3, 5)]
     a = C.generate(C.LogProbModel(lm), prompts, 10, tok.eos_token_id, tok.pad_token_id, temperature=0.0)
-    b = C.generate(S2.LastLogitsOnly(lm), prompts, 10, tok.eos_token_id, tok.pad_token_id, temperature=0.0)
+    b = C.generate(lm, prompts, 10, tok.eos_token_id, tok.pad_token_id, temperature=0.0)
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.lengths, b.lengths)
     torch.testing.assert_close(a.logp, b.logp)
 
