@@ -27,7 +27,10 @@ Deliberate simplifications (read before trusting a number)
     each sub-stage). The PPO critic is re-created at the start of every PPO sub-stage (separate
     critic) or kept (shared value head).
   * PPO treats the end of the response (EOS or truncation) as terminal: no bootstrap.
-  * Minibatches are contiguous slices of each rank's rollouts, not reshuffled between epochs.
+  * Minibatch k holds rows k, k + M, k + 2M, ... of each rank's rollouts (M = num_minibatches),
+    the same in every epoch. Strided, not contiguous: with n_local a multiple of M, a row's global
+    index has the same residue mod M as its local one, so the global minibatches (and the update)
+    are the same for any world size.
   * The reward model is replicated on every rank (not sharded); the reference model and a
     separate critic are sharded like the policy.
   * Resume: a finished sub-stage (its HF dir exists) is skipped; an unfinished one continues from
@@ -42,6 +45,9 @@ Run
   python 04_rl.py --model runs/03_distill/final --stages \\
       "stem:data/math_train.jsonl:20 -> code:data/code_train.jsonl:10 -> pref:data/pref_train.jsonl:10"
   python 04_rl.py --stages_file stages.json   # [{"kind": "stem", "data": ..., "steps": 20, "algo": "ppo", "lr": 1e-6}, ...]
+  python 04_rl.py --model runs/02_overall_sft/final --stages "stem:data/math_train.jsonl:24" \
+      --max_difficulty 2 --prompts_per_step 8 --group_size 8 --max_new_tokens 96 --lr 2e-5 \
+      --kl_coef 0 --micro_batch_size 8 --eval_kinds stem --eval_limit 150 --save_every 4   # README figure
   torchrun --nproc_per_node 2 04_rl.py --algo grpo              # FSDP2 (gloo on CPU, nccl on GPU)
   python 04_rl.py --model tiny --stages "toy:data/math_train.jsonl:30" --eval_kinds toy  # seconds
 """
@@ -276,10 +282,12 @@ def shift_right(x: torch.Tensor) -> torch.Tensor:
 
 
 def save_scalar_model(model: nn.Module, tok, path: Path, d: C.Dist) -> None:
-    """HF dir (the backbone LM, loadable by any stage) + head.pt (the scalar head)."""
-    C.save_hf(model.lm, tok, path, d)
+    """HF dir (the backbone LM, loadable by any stage) + head.pt (the scalar head). Collective
+    under FSDP2 (the full state is gathered once; rank 0 writes)."""
+    full, _ = C.gather_full_state(model, None)
+    C.save_hf(model.lm, tok, path, d, full_state={k[3:]: v for k, v in full.items() if k.startswith("lm.")})
     if d.is_main:
-        torch.save({k: v.detach().cpu() for k, v in model.head.state_dict().items()}, Path(path) / "head.pt")
+        torch.save({k[5:]: v for k, v in full.items() if k.startswith("head.")}, Path(path) / "head.pt")
     C.barrier(d)
 
 
@@ -962,14 +970,14 @@ def rl_train(cfg: Config, kind: str, policy, ref, prompts: list[dict], reward_fn
     critic, critic_opt = None, None
     if cfg.algo == "ppo" and cfg.critic == "separate":  # value model initialised from the current policy
         from transformers import AutoModelForCausalLM
-        full, _ = C._full_state(policy, None)  # collective under FSDP2: every rank calls it
-        critic_lm = AutoModelForCausalLM.from_config(policy.lm.config)
-        critic_lm.load_state_dict({k[3:]: v for k, v in full.items() if k.startswith("lm.")}, strict=False)
-        critic = ScalarHeadModel(critic_lm)
+        critic = ScalarHeadModel(AutoModelForCausalLM.from_config(policy.lm.config))
         nn.init.zeros_(critic.head.weight)
-        if resume_ckpt is not None:
+        if resume_ckpt is not None:  # every rank reads the file, before sharding
             critic.load_state_dict(torch.load(resume_ckpt / "critic.pt", map_location="cpu"))
         critic = C.shard_model(critic, d, dtype, cfg.activation_checkpointing)
+        if resume_ckpt is None:  # the policy's backbone (its "lm.*" keys are the critic's too)
+            full, _ = C.gather_full_state(policy, None)  # collective; under FSDP2 rank 0 holds it ...
+            C.load_full_state(critic, {k: v for k, v in full.items() if k.startswith("lm.")}, d)  # ... and broadcasts
         critic_opt = C.make_optimizer(critic, cfg.critic_lr, cfg.weight_decay)
     use_ref = ref is not None and cfg.kl_coef > 0
     shared_values = cfg.algo == "ppo" and cfg.critic == "head"
@@ -1124,15 +1132,14 @@ def rl_train(cfg: Config, kind: str, policy, ref, prompts: list[dict], reward_fn
                ("ratio_sum", "clipped", "tokens", "ppo_kl_k1", "ppo_kl_k3", "k1", "k2", "k3", "entropy",
                 "vloss", "vf_clipped", "pg_loss", "logp_diff_sampler", "loss")}
         train_tokens = 0
-        n_mb = n // cfg.num_minibatches
         policy.train()
         gnorm = 0.0
         for epoch in range(cfg.ppo_epochs):
             for mbi in range(cfg.num_minibatches):
-                rows = list(range(mbi * n_mb, (mbi + 1) * n_mb))
+                rows = list(range(mbi, n, cfg.num_minibatches))  # strided: world-size invariant (see top)
                 n_global = C.all_reduce_sum(normaliser_count(mask[rows], cfg.loss_agg), d).item()
                 n_tok = C.all_reduce_sum(mask[rows].sum().double(), d).item()
-                for j in range(0, n_mb, cfg.micro_batch_size):
+                for j in range(0, len(rows), cfg.micro_batch_size):
                     mb = rows[j:j + cfg.micro_batch_size]
                     Tm = int(ro.lengths[mb].max())
                     args = ([ro.prompt_ids[i] for i in mb], ro.tokens[mb, :Tm], ro.lengths[mb], pad, cfg.temperature, d.device)
@@ -1220,7 +1227,7 @@ def rl_train(cfg: Config, kind: str, policy, ref, prompts: list[dict], reward_fn
         if cfg.save_every and ckpt_dir is not None and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.max_steps:
             extra = {}
             if critic is not None:  # collective under FSDP2: every rank gathers
-                cmsd, cosd = C._full_state(critic, critic_opt)
+                cmsd, cosd = C.gather_full_state(critic, critic_opt)
                 extra = {"critic.pt": cmsd, "critic_optimizer.pt": cosd}
             C.save_checkpoint(ckpt_dir, step + 1, policy, tok, opt, d, cfg,
                               {"stage": stage_idx, "rm_moments": [rm_mean, rm_var, rm_count]}, extra=extra)
@@ -1290,10 +1297,12 @@ def rm_pair_scores(rm, pairs, pad_id, device) -> tuple[torch.Tensor, torch.Tenso
 
 
 def rm_accuracy(rm, pairs, pad_id, device, d: C.Dist, batch: int = 8) -> float:
+    """Fraction of pairs with r(chosen) > r(rejected). Each rank scores pairs[rank::W] with the
+    parameters gathered once (ranks may hold different numbers of pairs: no collective inside)."""
     mine = pairs[d.rank::d.world_size]
     correct = 0.0
     rm.eval()
-    with torch.no_grad():
+    with C.gathered_for_generation(rm), torch.no_grad():
         for i in range(0, len(mine), batch):
             rc, rr = rm_pair_scores(rm, mine[i:i + batch], pad_id, device)
             correct += float((rc > rr).sum())
@@ -1305,15 +1314,16 @@ def rm_accuracy(rm, pairs, pad_id, device, d: C.Dist, batch: int = 8) -> float:
 def train_reward_model(cfg: Config, d: C.Dist) -> dict:
     """Bradley-Terry reward model: backbone + scalar head on the last real token, trained on
     pref_train pairs, held-out pairwise accuracy on pref_test before and after. Saves
-    <out_dir>/reward_model (HF dir + head.pt)."""
+    <out_dir>/reward_model (HF dir + head.pt). Under torchrun the RM is sharded like the policy and
+    each rank takes rm_batch_pairs / W pairs of every step; the loss is divided by the GLOBAL
+    number of pairs, so the update does not depend on the world size."""
     dtype = C.resolve_dtype(cfg.precision, d.device)
+    if cfg.rm_batch_pairs % d.world_size:
+        raise ValueError(f"--rm_batch_pairs {cfg.rm_batch_pairs} not divisible by world size {d.world_size}")
     lm, tok = C.load_model_and_tokenizer(cfg.rm_model or cfg.model, cfg.seed)
-    rm = ScalarHeadModel(lm)
-    sharded = d.enabled
-    if sharded:
-        raise ValueError("--mode train_reward_model runs in a single process here (the RM is small); "
-                         "launch it with python, not torchrun")
-    rm = rm.to(d.device)
+    torch.manual_seed(cfg.seed)  # the head's init: the same on every rank and in every layout
+    rm = C.shard_model(ScalarHeadModel(lm), d, dtype, cfg.activation_checkpointing)
+    amp = (lambda: C.autocast(d.device, dtype)) if not d.enabled else (lambda: C.autocast(d.device, torch.float32))
     train, n_drop = pref_pairs(cfg.pref_train, tok, cfg.max_len)
     test, n_drop_test = pref_pairs(cfg.pref_test, tok, cfg.max_len)
     C.print0(f"RM pairs: train {len(train)} (dropped {n_drop} > {cfg.max_len} tokens), test {len(test)} "
@@ -1323,19 +1333,19 @@ def train_reward_model(cfg: Config, d: C.Dist) -> dict:
     log = C.MetricsLogger(Path(cfg.out_dir) / "reward_model_logs", d, cfg.rm_steps, cfg, cfg.wandb_project)
     for step in range(cfg.rm_steps):
         idx = C.epoch_stream_indices(len(train), step * cfg.rm_batch_pairs, cfg.rm_batch_pairs, cfg.seed)
-        batch = [train[i] for i in idx]
-        total_loss, accs = 0.0, []
+        batch = [train[i] for i in idx][d.rank::d.world_size]  # this rank's share of the global batch
+        sums = torch.zeros(2, dtype=torch.float64)  # loss, correct pairs (summed over ranks below)
         for j in range(0, len(batch), cfg.micro_batch_size):
             mb = batch[j:j + cfg.micro_batch_size]
-            with C.autocast(d.device, dtype):
+            with amp():
                 rc, rr = rm_pair_scores(rm, mb, tok.pad_token_id, d.device)
-            loss, st = bradley_terry_loss(rc, rr, n_global=float(len(batch)))
+            loss, st = bradley_terry_loss(rc, rr, n_global=float(cfg.rm_batch_pairs))
             loss.backward()
-            total_loss += loss.item()
-            accs.append(st["acc"] * len(mb))
+            sums += torch.tensor([loss.item(), float(st["acc"]) * len(mb)], dtype=torch.float64)
         lr = C.lr_at(step, cfg.rm_steps, cfg.warmup_steps, cfg.rm_lr, cfg.min_lr_ratio)
         gn = C.optimizer_step(rm, opt, lr, cfg.max_grad_norm)
-        log.log(step, {"rm_loss": total_loss, "rm_train_acc": sum(accs) / len(batch), "grad_norm": gn, "lr": lr})
+        tot = C.all_reduce_sum(sums, d).tolist()
+        log.log(step, {"rm_loss": tot[0], "rm_train_acc": tot[1] / cfg.rm_batch_pairs, "grad_norm": gn, "lr": lr})
     log.close()
     acc1 = rm_accuracy(rm, test, tok.pad_token_id, d.device, d)
     out = Path(cfg.out_dir) / "reward_model"

@@ -423,7 +423,7 @@ def shard_model(model: nn.Module, d: Dist, dtype: torch.dtype, activation_checkp
     Mixed precision: parameters gathered and computed in `dtype`, gradients reduced in fp32,
     master weights and optimizer state fp32.
     """
-    lm = model.lm if isinstance(model, LogProbModel) else model
+    lm = getattr(model, "lm", model)  # a wrapper (LogProbModel, a scalar-head model) around an HF LM
     if activation_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(d.device)
@@ -965,8 +965,10 @@ def print_table(start: dict, end: dict) -> None:
 # Checkpoints: HF model + training state, written atomically
 
 
-def _full_state(model: nn.Module, opt) -> tuple[dict, dict | None]:
-    """Full (unsharded) fp32 model and optimizer state dicts; collective under FSDP2."""
+def gather_full_state(model: nn.Module, opt) -> tuple[dict, dict | None]:
+    """Full (unsharded) fp32 model and optimizer state dicts, on the CPU. Collective under FSDP2,
+    and then only RANK 0 receives them (the others get empty dicts): use them for writing files,
+    and load_full_state to copy them into another sharded model."""
     if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                              get_optimizer_state_dict)
@@ -978,12 +980,23 @@ def _full_state(model: nn.Module, opt) -> tuple[dict, dict | None]:
             opt.state_dict() if opt is not None else None)
 
 
+def load_full_state(model: nn.Module, sd: dict, d: Dist) -> None:
+    """Copy a full state dict (from full_state) into `model`, sharded or not; keys the dict lacks
+    keep their values. Under FSDP2 only rank 0 needs `sd` (it is broadcast to the shards)."""
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        set_model_state_dict(model, sd if d.is_main else {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False))
+    else:
+        model.load_state_dict(sd, strict=False)
+
+
 def save_hf(model: nn.Module, tok, path: str | Path, d: Dist, full_state: dict | None = None) -> None:
     """Save the wrapped HF model (safetensors) + tokenizer to `path`, loadable by transformers/vLLM.
     Collective under FSDP2 (every rank must call it); rank 0 writes, atomically."""
     lm = model.lm if isinstance(model, LogProbModel) else model
     if full_state is None:
-        full_state, _ = _full_state(model, None)
+        full_state, _ = gather_full_state(model, None)
     if d.is_main:
         prefix = "lm." if isinstance(model, LogProbModel) else ""
         sd = {k[len(prefix):]: v for k, v in full_state.items() if k.startswith(prefix)}
@@ -1011,7 +1024,7 @@ def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module, tok, opt, 
     out_dir = Path(out_dir)
     final = out_dir / f"ckpt-{step:06d}"
     tmp = out_dir / f"ckpt-{step:06d}.tmp"
-    msd, osd = _full_state(model, opt)
+    msd, osd = gather_full_state(model, opt)
     if d.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

@@ -212,6 +212,65 @@ def test_stage_spec_parsing(tmp_path):
 
 # ---------------------------------------------------------------------------- world-size invariance
 
+def _one_vs_two_processes(tmp_path, args):
+    """Run 04_rl.py with `args` as 1 process and as 2 torchrun (gloo) processes."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    script = os.path.join(ROOT, "04_rl.py")
+    for cmd, out in (([sys.executable, script], "w1"),
+                     ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", script], "w2")):
+        r = subprocess.run([*cmd, *args, "--out_dir", str(tmp_path / out)], cwd=ROOT, env=env, capture_output=True,
+                           text=True)
+        assert r.returncode == 0, r.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_reward_model_one_process_equals_two_processes(tmp_path):
+    """Bradley-Terry RM training sharded over 2 ranks (each takes half of every batch, the loss
+    divided by the global pair count) == 1 process with the whole batch."""
+    from safetensors.torch import load_file
+    _toy_prefs(tmp_path / "tr.jsonl", 16, 0)
+    _toy_prefs(tmp_path / "te.jsonl", 5, 1)  # odd: the ranks score different numbers of pairs
+    _one_vs_two_processes(tmp_path, TINY + ["toy", "--mode", "train_reward_model", "--pref_train",
+                                            str(tmp_path / "tr.jsonl"), "--pref_test", str(tmp_path / "te.jsonl"),
+                                            "--rm_steps", "3", "--rm_batch_pairs", "4", "--micro_batch_size", "2",
+                                            "--rm_lr", "3e-3"])
+    ha, hb = (torch.load(tmp_path / w / "reward_model" / "head.pt") for w in ("w1", "w2"))
+    a, b = (load_file(tmp_path / w / "reward_model" / "model.safetensors") for w in ("w1", "w2"))
+    init = C.load_model_and_tokenizer("tiny")[0].state_dict()
+    # Adam's update is scale-free, so the loss scale is checked on the gradient norms (a loss
+    # divided by the local instead of the global pair count would double them); the weights agree
+    # up to summation-order noise that Adam amplifies on near-zero gradients (moved ~1e-2)
+    la, lb = (_metrics(tmp_path / w / "reward_model_logs") for w in ("w1", "w2"))
+    assert [m["grad_norm"] for m in la] == pytest.approx([m["grad_norm"] for m in lb], rel=1e-5)
+    assert [m["rm_loss"] for m in la] == pytest.approx([m["rm_loss"] for m in lb], rel=1e-5)
+    assert max((a[k] - init[k]).abs().max().item() for k in a) > 1e-3
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+    # the head's bias is not identified by Bradley-Terry (r_c - r_r cancels it: zero gradient), so
+    # Adam moves it by noise; its weight is compared
+    assert torch.allclose(ha["weight"], hb["weight"], atol=1e-4)
+    ra, rb = (json.loads((tmp_path / w / "reward_model" / "rm_eval.json").read_text()) for w in ("w1", "w2"))
+    assert ra["n_test"] == rb["n_test"] == 5 and ra["rm_test_acc_before"] == rb["rm_test_acc_before"]
+
+
+@pytest.mark.slow
+def test_ppo_separate_critic_one_process_equals_two_processes(tmp_path):
+    """PPO with a separate (sharded) value model: 2 PPO epochs x 2 minibatches, 1 process x
+    accumulation 2 vs 2 processes x 1; policy weights and value losses agree."""
+    from safetensors.torch import load_file
+    _one_vs_two_processes(tmp_path, TINY + ["toy", "--eval_limit", "2", "--eval_max_new_tokens", "4",
+                                            "--stages", f"toy:{ROOT}/data/math_train.jsonl:1", "--algo", "ppo",
+                                            "--critic", "separate", "--ppo_epochs", "2", "--num_minibatches", "2",
+                                            "--max_new_tokens", "6", "--prompts_per_step", "2", "--group_size", "4",
+                                            "--micro_batch_size", "2", "--lr", "1e-3", "--critic_lr", "1e-3",
+                                            "--kl_coef", "0", "--reproducible_rollouts", "true"])
+    m1, m2 = _metrics(tmp_path / "w1")[0], _metrics(tmp_path / "w2")[0]
+    assert m1["reward_mean"] == m2["reward_mean"]
+    assert m1["value_loss"] == pytest.approx(m2["value_loss"], rel=1e-5)
+    assert m1["grad_norm"] == pytest.approx(m2["grad_norm"], rel=1e-5)
+    a, b = (load_file(tmp_path / w / "final" / "model.safetensors") for w in ("w1", "w2"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+
+
 @pytest.mark.slow
 def test_one_process_accum2_equals_two_processes(tmp_path):
     """One GRPO update (with a sharded reference model and KL in the loss): 1 process with 2
