@@ -47,7 +47,8 @@ Run
   python 04_rl.py --stages_file stages.json   # [{"kind": "stem", "data": ..., "steps": 20, "algo": "ppo", "lr": 1e-6}, ...]
   python 04_rl.py --model runs/02_overall_sft/final --stages "stem:data/math_train.jsonl:24" \
       --max_difficulty 2 --prompts_per_step 8 --group_size 8 --max_new_tokens 96 --lr 2e-5 \
-      --kl_coef 0 --micro_batch_size 8 --eval_kinds stem --eval_limit 150 --save_every 4   # README figure
+      --kl_coef 0 --micro_batch_size 8 --eval_kinds stem --eval_limit 150 --save_every 4
+      # ^ the README figure (with stage 2 run from stage 1 output): math 14/150 -> 27/150
   torchrun --nproc_per_node 2 04_rl.py --algo grpo              # FSDP2 (gloo on CPU, nccl on GPU)
   python 04_rl.py --model tiny --stages "toy:data/math_train.jsonl:30" --eval_kinds toy  # seconds
 """
