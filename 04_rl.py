@@ -965,8 +965,7 @@ def rl_train(cfg: Config, kind: str, policy, ref, prompts: list[dict], reward_fn
     pad = tok.pad_token_id
     G, W = cfg.group_size, d.world_size
     B_local = cfg.prompts_per_step // W
-    sharded = C.is_sharded(policy)
-    amp = (lambda: C.autocast(d.device, dtype)) if not sharded else (lambda: C.autocast(d.device, torch.float32))
+    amp = lambda: C.fwd_context(policy, d, dtype)  # noqa: E731  (autocast unless FSDP2's policy casts)
     opt = C.make_optimizer(policy, cfg.lr, cfg.weight_decay)
     critic, critic_opt = None, None
     if cfg.algo == "ppo" and cfg.critic == "separate":  # value model initialised from the current policy
@@ -1324,7 +1323,6 @@ def train_reward_model(cfg: Config, d: C.Dist) -> dict:
     lm, tok = C.load_model_and_tokenizer(cfg.rm_model or cfg.model, cfg.seed)
     torch.manual_seed(cfg.seed)  # the head's init: the same on every rank and in every layout
     rm = C.shard_model(ScalarHeadModel(lm), d, dtype, cfg.activation_checkpointing)
-    amp = (lambda: C.autocast(d.device, dtype)) if not d.enabled else (lambda: C.autocast(d.device, torch.float32))
     train, n_drop = pref_pairs(cfg.pref_train, tok, cfg.max_len)
     test, n_drop_test = pref_pairs(cfg.pref_test, tok, cfg.max_len)
     C.print0(f"RM pairs: train {len(train)} (dropped {n_drop} > {cfg.max_len} tokens), test {len(test)} "
@@ -1338,7 +1336,7 @@ def train_reward_model(cfg: Config, d: C.Dist) -> dict:
         sums = torch.zeros(2, dtype=torch.float64)  # loss, correct pairs (summed over ranks below)
         for j in range(0, len(batch), cfg.micro_batch_size):
             mb = batch[j:j + cfg.micro_batch_size]
-            with amp():
+            with C.fwd_context(rm, d, dtype):
                 rc, rr = rm_pair_scores(rm, mb, tok.pad_token_id, d.device)
             loss, st = bradley_terry_loss(rc, rr, n_global=float(cfg.rm_batch_pairs))
             loss.backward()
@@ -1478,7 +1476,6 @@ def main(argv=None):
                                     else str(row.get(c, "")) for c in cols))
         table = "\n".join(lines)
         print(f"\nsummary ({(time.time() - t0) / 60:.1f} min)\n{table}", flush=True)
-        write_summary()
     C.cleanup_distributed(d)
     return summary
 
