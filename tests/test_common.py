@@ -16,6 +16,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common as C  # noqa: E402
+from stage_scripts import load_script  # noqa: E402
+
+S2 = load_script("02_overall_sft.py", "s2_for_common")  # the tool-call text fallback lives in stage 2
 
 IGNORE = C.IGNORE
 
@@ -156,7 +159,7 @@ def trained_pieces(tok, ids, labels):
 def assistant_text(m):
     """What the assistant wrote in a message, in the documented fallback format for tool calls."""
     content = m.get("content") or ""
-    calls = [C.format_tool_call(c["function"]["name"], c["function"]["arguments"]) for c in m.get("tool_calls", [])]
+    calls = [S2.format_tool_call(c["function"]["name"], c["function"]["arguments"]) for c in m.get("tool_calls", [])]
     return (content + "\n" if content and calls else content) + "\n".join(calls)
 
 
@@ -197,7 +200,9 @@ def check_tool_traces(tok, n_rows=3):
     for row in rows:
         msgs = row["messages"]
         assert any(m.get("tool_calls") for m in msgs) and any(m["role"] == "tool" for m in msgs)
-        r = C.tokenize_chat(tok, msgs, row["tools"])
+        with pytest.raises(C.DataError, match="cannot render them"):  # never silently dropped
+            C.tokenize_chat(tok, msgs, row["tools"])
+        r = C.tokenize_chat(tok, S2.tool_fallback(msgs, tok, row["tools"]), row["tools"])
         assert trained_pieces(tok, r["input_ids"], r["labels"]) == expected_pieces(tok, msgs)
         untrained = tok.decode([t for t, l in zip(r["input_ids"], r["labels"]) if l == IGNORE])
         for m in msgs:
@@ -205,7 +210,8 @@ def check_tool_traces(tok, n_rows=3):
                 assert f"<|im_start|>tool\n{m['content']}<|im_end|>" in untrained  # tool output: not trained
         for t in row["tools"]:
             assert t["function"]["description"] in untrained  # schemas in the system message
-        assert C.TOOL_CALL_OPEN in tok.decode(C.chat_prompt_ids(tok, msgs[:2], row["tools"]))
+        assert S2.TOOL_CALL_OPEN in tok.decode(C.chat_prompt_ids(tok, S2.tool_fallback(msgs[:2], tok, row["tools"]),
+                                                                row["tools"]))
 
 
 def check_segments(tok):
@@ -788,8 +794,8 @@ def test_resolve_dtype(monkeypatch):
     assert C.resolve_dtype("fp32", cpu) == torch.float32 and C.resolve_dtype("bf16", cpu) == torch.bfloat16
     with pytest.raises(ValueError, match="precision"):
         C.resolve_dtype("fp16", cpu)
-    assert isinstance(C.autocast(cpu, torch.float32), type(C.autocast(cpu, torch.float32)))
-    with C.autocast(cpu, torch.bfloat16):
-        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
-    with C.autocast(cpu, torch.float32):
-        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+    lin, d = torch.nn.Linear(2, 2), C.Dist()
+    with C.fwd_context(lin, d, torch.bfloat16):
+        assert lin(torch.ones(1, 2)).dtype == torch.bfloat16
+    with C.fwd_context(lin, d, torch.float32):
+        assert lin(torch.ones(1, 2)).dtype == torch.float32

@@ -14,6 +14,7 @@ sys.path.insert(0, ROOT)
 from stage_scripts import load_script  # noqa: E402
 
 rl = load_script("04_rl.py", "rl04")
+import verify as V  # noqa: E402
 Q = "Tom has 6 apples and buys 7 more. How many apples does he have?"
 
 
@@ -47,16 +48,16 @@ def test_math_reward_echoed_reference_in_prompt():
 
 # ---------------------------------------------------------------------------- S2R steps / advantages
 
-S2R_OK = ("6 + 7 = 12. The answer is 12.\nCheck: 6 + 7 = 13, not 12. " + rl.VERDICT_INCORRECT +
-          "\n6 + 7 = 13. The answer is 13.\nCheck: 13 - 7 = 6. " + rl.VERDICT_CORRECT)
-S2R_BAD = "6 + 7 = 12. The answer is 12.\nCheck: looks right. " + rl.VERDICT_CORRECT
+S2R_OK = ("6 + 7 = 12. The answer is 12.\nCheck: 6 + 7 = 13, not 12. " + V.VERDICT_BAD +
+          "\n6 + 7 = 13. The answer is 13.\nCheck: 13 - 7 = 6. " + V.VERDICT_OK)
+S2R_BAD = "6 + 7 = 12. The answer is 12.\nCheck: looks right. " + V.VERDICT_OK
 
 
 def test_s2r_steps_rewards():
     steps = rl.s2r_steps(S2R_OK, "13")
     assert [s["kind"] for s in steps] == ["attempt", "verify", "attempt", "verify"]
     assert [s["reward"] for s in steps] == [0.0, 1.0, 1.0, 1.0]  # wrong attempt, correctly rejected, ...
-    assert S2R_OK[steps[1]["start"]:steps[1]["end"]].endswith(rl.VERDICT_INCORRECT)
+    assert S2R_OK[steps[1]["start"]:steps[1]["end"]].endswith(V.VERDICT_BAD)
     assert steps[-1]["end"] == len(S2R_OK)
     bad = rl.s2r_steps(S2R_BAD, "13")
     assert [s["reward"] for s in bad] == [0.0, 0.0]  # wrong attempt; verification wrongly says correct
@@ -66,12 +67,19 @@ def test_s2r_steps_rewards():
     assert rl.math_reward(S2R_OK.replace("The answer is 13.", "The answer is 14."), "13", Q)[0] == 0.0
 
 
-def test_s2r_attempt_without_verification_and_trailing_text():
-    text = "The answer is 3.5. The answer is 13.\n" + rl.VERDICT_CORRECT + " and some trailing words"
-    steps = rl.s2r_steps(text, "13")
-    assert [s["kind"] for s in steps] == ["attempt", "attempt", "verify"]
-    assert steps[0]["end"] == len("The answer is 3.5.")  # the decimal point does not end the sentence
-    assert [s["reward"] for s in steps] == [0.0, 1.0, 1.0]
+def test_s2r_path_applies_the_strict_answer_check():
+    """Bug pinned: the S2R step split graded an attempt by its LAST answer only, so a hedged
+    attempt with two boxed answers scored 1 through math_reward while score_math alone gave 0."""
+    hedge = "The answer is \\boxed{1} \\boxed{84}. " + V.VERDICT_OK
+    assert V.score_math(hedge.replace(V.VERDICT_OK, ""), "84")[0] == 0.0
+    assert rl.math_reward(hedge, "84", Q)[0] == 0.0
+    steps = rl.s2r_steps(hedge, "84")
+    assert [(s["kind"], s["reward"]) for s in steps] == [("attempt", 0.0), ("verify", 0.0)]
+    two = "The answer is 3.5. The answer is 13.\n" + V.VERDICT_OK  # two answers in one attempt: hedging
+    assert [s["reward"] for s in rl.s2r_steps(two, "13")] == [0.0, 0.0] and rl.math_reward(two, "13", Q)[0] == 0.0
+    # text after a final "correct" verdict is a new attempt without an answer: the outcome is 0
+    assert rl.math_reward("The answer is 13. " + V.VERDICT_OK + " and some trailing words", "13", Q)[0] == 0.0
+    assert rl.math_reward("The answer is 13. " + V.VERDICT_OK, "13", Q)[0] == 1.0
 
 
 def test_process_advantages_hand_values():

@@ -117,7 +117,7 @@ def test_dynamic_sampling_refills_zero_variance_groups(tmp_path):
         r = [0.0 if it["row"]["k"] < 2 else float(len(x) + x[0] % 3) for it, x in zip(items, ids)]
         return r, ["ok"] * len(ids), [{}] * len(ids)
 
-    cfg = _direct_cfg(dynamic_sampling=True, max_resample=4, max_steps=3, prompts_per_step=2)
+    cfg = _direct_cfg(dynamic_sampling=True, max_resample=12, max_steps=3, prompts_per_step=2)
     res, _ = _run_direct(tmp_path, cfg, reward_fn, n_prompts=4)
     for h in res["history"]:
         assert h["groups_sampled"] >= 2

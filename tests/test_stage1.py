@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 from collections import Counter
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common as C  # noqa: E402
+import verify as V  # noqa: E402
 from stage_scripts import load_script  # noqa: E402
 
 IGNORE = C.IGNORE
@@ -64,7 +66,7 @@ def check_verdicts_true(task, traj):
     """Every verification's verdict equals the real grade of the attempt it checks; the last attempt
     is correct and confirmed; segment flags: wrong attempts False, everything else True."""
     segs = traj["messages"][-1]["segments"]
-    steps = S1.split_trajectory(assistant_text(traj))
+    steps = V.split_trajectory(assistant_text(traj))
     assert len(steps) == len(segs) // 2 == traj["n_failed"] + 1
     for k, st in enumerate(steps):
         ok, _ = S1.default_grader(task, st["attempt"])
@@ -80,20 +82,28 @@ def check_verdicts_true(task, traj):
 
 def test_split_trajectory_round_trip_and_edge_cases():
     a1, a2 = "x is 3.\nThe answer is 3.", "x is 2.\nThe answer is 2."
-    text = (a1 + S1.verification_text("3 != 2", False) + a2 + S1.verification_text("2 == 2", True))
-    steps = S1.split_trajectory(text)
+    text = (a1 + V.verification_text("3 != 2", False) + a2 + V.verification_text("2 == 2", True))
+    steps = V.split_trajectory(text)
     assert [s["attempt"] for s in steps] == [a1, a2]
     assert [s["verdict"] for s in steps] == [False, True]
-    assert steps[0]["verification"].startswith("3 != 2")
+    assert steps[0]["verification"] == V.VERIFY_OPEN + "3 != 2\n" + V.VERDICT_BAD
+    assert [text[slice(*s["attempt_span"])] for s in steps] == [a1, a2]  # spans index the text
     # no verification: one attempt; an unfinished verification: verdict None
-    assert S1.split_trajectory("just an answer") == [{"attempt": "just an answer", "verification": None, "verdict": None}]
-    cut = S1.split_trajectory(a1 + S1.VERIFY_OPEN + "I solve it again")
-    assert cut == [{"attempt": a1, "verification": "I solve it again", "verdict": None}]
+    keys = ("attempt", "verification", "verdict")
+    one = V.split_trajectory("just an answer")
+    assert [{k: s[k] for k in keys} for s in one] == [{"attempt": "just an answer", "verification": None, "verdict": None}]
+    cut = V.split_trajectory(a1 + V.VERIFY_OPEN + "I solve it again")
+    assert [{k: s[k] for k in keys} for s in cut] == [{"attempt": a1, "verification": V.VERIFY_OPEN + "I solve it again",
+                                                      "verdict": None}]
+    # free-form verifications (no VERIFY_OPEN): the attempt ends after its last "The answer is X."
+    free = V.split_trajectory("6 * 7 = 41. The answer is 41. Check: 6 * 7 = 42. " + V.VERDICT_BAD + " The answer is 42.")
+    assert [s["attempt"] for s in free] == ["6 * 7 = 41. The answer is 41.", "The answer is 42."]
+    assert [s["verdict"] for s in free] == [False, None]
     # the verdict phrases are distinct (neither is a substring of the other)
-    assert S1.VERDICT_OK not in S1.VERDICT_BAD and S1.VERDICT_BAD not in S1.VERDICT_OK
+    assert V.VERDICT_OK not in V.VERDICT_BAD and V.VERDICT_BAD not in V.VERDICT_OK
     # a sampled response is cut before any marker
-    assert S1.first_attempt(a1 + S1.VERIFY_OPEN + "blah" + S1.VERDICT_OK) == a1
-    assert S1.first_attempt("  plain  ") == "plain"
+    assert V.first_attempt(a1 + V.VERIFY_OPEN + "blah" + V.VERDICT_OK) == a1
+    assert V.first_attempt("  plain  ") == "plain"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -113,7 +123,7 @@ def test_mask_excludes_wrong_attempt(tok):
     shown = C.show_masked(tok, s["input_ids"], s["labels"])
     trained = "".join(part.split("]]")[0] for part in shown.split("[[")[1:])
     assert wrong not in trained and "Speed is 7" not in trained  # the wrong attempt is context only
-    assert S1.VERDICT_BAD in trained and S1.VERDICT_OK in trained and S1.ATTEMPT_SEP.strip() in trained
+    assert V.VERDICT_BAD in trained and V.VERDICT_OK in trained and V.ATTEMPT_SEP.strip() in trained
     assert traj["messages"][-1]["segments"][2]["text"] in trained  # the final attempt is trained
     assert wrong in tok.decode(s["input_ids"])  # ... but present in the input
 
@@ -124,7 +134,7 @@ def test_mask_excludes_wrong_attempt(tok):
     b = C.collate([s], tok.pad_token_id)
     logp = policy(b["input_ids"], b["labels"])["logp"].detach().requires_grad_(True)
     n = C.count_trained(b["labels"])
-    S1.masked_token_ce(logp, b["labels"], n).backward()
+    C.masked_ce_loss(logp, b["labels"], n).backward()
     enc = tok(C._render(tok, C.to_template_messages(traj["messages"], tok), None, False), add_special_tokens=False,
               return_offsets_mapping=True)
     full = tok.decode(enc["input_ids"])
@@ -147,7 +157,7 @@ def test_mask_excludes_wrong_attempt(tok):
     handle = model.model.norm.register_forward_hook(keep)
     model.zero_grad()
     out = policy(b["input_ids"], b["labels"])
-    S1.masked_token_ce(out["logp"], b["labels"], n).backward()
+    C.masked_ce_loss(out["logp"], b["labels"], n).backward()
     handle.remove()
     hg = captured["h"].grad[0].abs().sum(-1)  # [T]
     target_wrong = in_wrong[1:]  # hidden t predicts token t+1
@@ -178,7 +188,7 @@ def test_loss_hand_case_and_float64_reference(tok):
     # hand case: logp given, labels with IGNORE; position 0 is never counted
     logp = torch.tensor([[-5.0, -1.0, -2.0, -3.0], [-7.0, -0.5, -9.0, -0.25]])
     labels = torch.tensor([[9, 1, IGNORE, 1], [9, IGNORE, IGNORE, 1]])
-    assert torch.isclose(S1.masked_token_ce(logp, labels, 4), torch.tensor((1.0 + 3.0 + 0.25) / 4))
+    assert torch.isclose(C.masked_ce_loss(logp, labels, 4), torch.tensor((1.0 + 3.0 + 0.25) / 4))
     # the model's loss vs a float64 loop over the HF model's own logits
     traj, _, s = reflective_sample(tok)
     plain = C.tokenize_chat(tok, [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}])
@@ -186,7 +196,7 @@ def test_loss_hand_case_and_float64_reference(tok):
     model = C.tiny_model(tok, seed=1)
     policy = C.LogProbModel(model)
     n = C.count_trained(b["labels"])
-    loss = S1.masked_token_ce(policy(b["input_ids"], b["labels"], position_ids=b["position_ids"])["logp"], b["labels"], n)
+    loss = C.masked_ce_loss(policy(b["input_ids"], b["labels"], position_ids=b["position_ids"])["logp"], b["labels"], n)
     with torch.no_grad():
         logits = model(input_ids=b["input_ids"], position_ids=b["position_ids"]).logits
     assert abs(loss.item() - naive_ce(logits, b["labels"], n)) < 1e-5
@@ -206,7 +216,7 @@ def test_packing_does_not_change_the_loss(tok):
         assert len(rows) == (1 if packing else 4)
         b = C.collate(rows, tok.pad_token_id)
         out = policy(b["input_ids"], b["labels"], position_ids=b["position_ids"])
-        losses.append(S1.masked_token_ce(out["logp"], b["labels"], n).item())
+        losses.append(C.masked_ce_loss(out["logp"], b["labels"], n).item())
     assert abs(losses[0] - losses[1]) < 1e-5
 
 
@@ -292,13 +302,13 @@ def test_code_trajectory_confirmative_and_problem_solving():
 
 
 def test_eval_arith_is_safe():
-    assert S1.eval_arith("4 * (3 + 1) - 1/2") == S1.Fraction(31, 2)
+    assert V.eval_arith("4 * (3 + 1) - 1/2") == Fraction(31, 2)
     for bad in ("__import__('os')", "2 ** 1000000", "a + 1", "1/0", "x" * 300):
         with pytest.raises(ValueError):
-            S1.eval_arith(bad)
+            V.eval_arith(bad)
     assert S1.equation_in("What value of x satisfies 4(x + 1) = 12?") == ("4(x + 1)", "12")
     assert S1.equation_in("Find x if 5x + 2 = x + 6.") == ("5x + 2", "x + 6")
-    assert S1.substitute("4(x + 1)", S1.Fraction(-2)) == "4 * ((-2) + 1)"
+    assert S1.substitute("4(x + 1)", Fraction(-2)) == "4 * ((-2) + 1)"
     assert S1.last_step("The change is 50 - 16 = 34 dollars.\nThe answer is 34.", "34") == ("50 - 16", "34")
 
 
@@ -319,32 +329,33 @@ def test_bad_input_rows_are_counted(tmp_path):
 
 
 def test_verifier_that_raises_or_hangs_is_counted():
-    release = threading.Event()
-    assert S1.call_with_timeout(lambda: 1 / 0, 1.0)[1].startswith("verifier_error: ZeroDivisionError")
-    res, err = S1.call_with_timeout(lambda: release.wait(60), 0.2)
-    assert res is None and err == "verifier_timeout"
-    release.set()
+    grade = lambda task, text: (1 / 0, {})  # noqa: E731
+    assert S1.safe_grade(grade, {}, "x", 5.0)[1]["reason"].startswith("verifier_error: ZeroDivisionError")
+    hang = lambda task, text: (threading.Event().wait(60), {})  # noqa: E731
+    assert S1.safe_grade(hang, {}, "x", 0.5) == (None, {"reason": "verifier_timeout"})
 
 
 @pytest.mark.slow
 def test_build_counts_raising_and_hanging_verifiers(tmp_path):
-    release = threading.Event()
-    order = []  # prompts in the order first graded: the 1st one's verifier raises, the 2nd one's hangs
+    # prompts in the order first graded (in a file: each grading call runs in its own forked child,
+    # so the grader keeps no state in memory): the 1st one's verifier raises, the 2nd one's hangs
+    seen = tmp_path / "order.json"
 
     def grader(task, text, code_timeout_s):
+        order = json.loads(seen.read_text()) if seen.exists() else []
         if task["prompt"] not in order:
+            seen.write_text(json.dumps(order + [task["prompt"]]))
             order.append(task["prompt"])
         if task["prompt"] == order[0]:
             raise RuntimeError("broken verifier")
         if len(order) > 1 and task["prompt"] == order[1]:
-            release.wait(60)
+            threading.Event().wait(60)
         return S1.default_grader(task, text, code_timeout_s)
 
     res = S1.main(["--mode", "build", "--model", "tiny", "--out_dir", str(tmp_path), "--build_math_questions", "5",
                    "--build_code_questions", "0", "--unsampled_math_questions", "0", "--unsampled_code_questions", "0",
                    "--k_samples", "2", "--sample_max_new_tokens", "8",
                    "--verifier_timeout_s", "0.3"], grader=grader)
-    release.set()
     counts = res["counts"]
     assert counts["verifier_error"] == 2 and counts["verifier_timeout"] == 2  # K = 2 samples each
     assert counts["task_no_graded_sample"] == 2 and counts["samples_graded"] == 6
@@ -361,8 +372,8 @@ def test_build_counts_raising_and_hanging_verifiers(tmp_path):
 def test_score_responses_counts_verdicts():
     task = S1.math_task(math_row("linear_equation"))
     good, bad = task["reference"], "The answer is 12345."
-    texts = [bad + S1.verification_text("no", False) + good + S1.verification_text("yes", True),  # 2 right verdicts
-             bad + S1.verification_text("looks fine", True),  # a wrong verdict, wrong final
+    texts = [bad + V.verification_text("no", False) + good + V.verification_text("yes", True),  # 2 right verdicts
+             bad + V.verification_text("looks fine", True),  # a wrong verdict, wrong final
              good]  # no verification, correct
     c = S1.score_responses([task] * 3, texts, lambda t, x: S1.default_grader(t, x))
     assert c["n"] == 3 and c["correct"] == 2 and c["first_correct"] == 1

@@ -12,7 +12,8 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import extract_code, extract_final_answer, math_answers_equal, run_code_tests, score_math  # noqa: E402
+from sandbox import extract_code, run_code_tests  # noqa: E402
+from verify import extract_final_answer, math_answers_equal, score_math  # noqa: E402
 
 V = sys.modules[run_code_tests.__module__]  # the module itself, for monkeypatching the sandbox mode
 

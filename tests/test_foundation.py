@@ -1,0 +1,257 @@
+"""Foundation checks: device-safe collectives (PITFALLS #20), the KL / importance-ratio guards of
+stage 4, the one verifier time limit, default data paths from any directory, and the bf16 path
+(PITFALLS #21: compared numbers pin fp32 elsewhere; bf16 is tested here where the CPU has it)."""
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import common as C  # noqa: E402
+import verify as V  # noqa: E402
+from stage_scripts import load_script  # noqa: E402
+
+rl = load_script("04_rl.py", "rl04_foundation")
+SCRIPTS = ("01_cold_start_sft.py", "02_overall_sft.py", "04_rl.py")
+NATIVE_BF16 = C.resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
+needs_bf16 = pytest.mark.skipif(not NATIVE_BF16, reason="this CPU has no native bf16 (no AVX512-BF16 / AMX): "
+                                                        "bf16 would be emulated, ~300x slower; auto picks fp32")
+
+
+# ----------------------------------------------------------------------------------------------
+# Collectives: every tensor reaches the backend on d.device (nccl rejects CPU tensors)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_collectives_hand_the_backend_tensors_on_the_process_device(monkeypatch):
+    seen = []
+
+    def fake_all_reduce(t, op=None):
+        seen.append(t.device)
+        raise _Stop  # a meta tensor cannot come back: stop once the device was seen
+
+    monkeypatch.setattr(C.dist, "all_reduce", fake_all_reduce)
+    d = C.Dist(enabled=True, device=torch.device("meta"))  # stands in for cuda:N on a CPU machine
+    for call in (lambda: C.all_reduce_sum(torch.ones(3), d), lambda: C.all_reduce_dict({"a": 1.0, "b": 2}, d)):
+        with pytest.raises(_Stop):
+            call()
+    assert seen == [torch.device("meta")] * 2
+
+
+def test_collectives_round_trip_values_names_and_device(monkeypatch):
+    monkeypatch.setattr(C.dist, "all_reduce", lambda t, op=None: t.mul_(2))  # "two ranks" with equal values
+    monkeypatch.setattr(C.dist, "all_gather_object", lambda out, obj: out.__setitem__(slice(None), [obj, obj]))
+    d = C.Dist(enabled=True, world_size=2, device=torch.device("cpu"))
+    x = torch.tensor([1.0, 2.5])
+    y = C.all_reduce_sum(x, d)
+    assert torch.equal(y, torch.tensor([2.0, 5.0])) and torch.equal(x, torch.tensor([1.0, 2.5]))  # a copy
+    assert C.all_reduce_dict({"b": torch.tensor(1.5), "a": 2}, d) == {"a": 4.0, "b": 3.0}
+    assert C.gather_objects([1, 2], d) == [1, 2, 1, 2]
+    single = C.Dist()
+    assert C.all_reduce_dict({"a": 3}, single) == {"a": 3.0} and C.gather_objects([1], single) == [1]
+
+
+def test_scripts_call_no_collective_directly():
+    for name in SCRIPTS:
+        src = (ROOT / name).read_text()
+        assert not re.search(r"\bdist\.\w+\(", src), f"{name} calls torch.distributed directly"
+        assert "import torch.distributed" not in src, name
+
+
+def test_seed_for_is_a_pure_function_of_its_parts():
+    assert C.seed_for(0, 1, 2) == C.seed_for(0, 1, 2)
+    assert len({C.seed_for(0, 1, 2), C.seed_for(0, 2, 1), C.seed_for(1, 1, 2), C.seed_for(0, 1, 3)}) == 4
+    assert 0 <= C.seed_for(2 ** 40, 7) < 2 ** 62
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 4 guards: k3 beyond the clamp, dual-clip, log-ratio clamp
+
+
+def test_k3_gradient_is_zero_beyond_the_clamp_not_plus_one():
+    """Bug pinned: exp(clamp(r)) - 1 - r had d/dlogp = +1 for r = ref - logp > 20 (exact: 1 - e^r)."""
+    logp = torch.tensor([0.0, -1.0], requires_grad=True)
+    ref = torch.tensor([25.0, -0.5])  # r = 25 (beyond the clamp) and r = 0.5 (inside)
+    k3 = rl.kl_estimators(logp, ref)["k3"]
+    k3.sum().backward()
+    assert logp.grad[0].item() == 0.0
+    assert logp.grad[1].item() == pytest.approx(1 - math.exp(0.5), rel=1e-6)
+    assert k3[0].item() == pytest.approx(math.exp(20) - 21, rel=1e-6) and math.isfinite(k3[0].item())
+
+
+def _naive_policy_loss(logp, old, adv, mask, lo, hi, c, max_lr):
+    """float64 loops: token-mean clipped surrogate with dual-clip."""
+    tot, n = 0.0, 0.0
+    for i in range(logp.shape[0]):
+        for t in range(logp.shape[1]):
+            if mask[i, t] == 0:
+                continue
+            r = math.exp(max(-max_lr, min(max_lr, float(logp[i, t]) - float(old[i, t]))))
+            a = float(adv[i, t])
+            loss = max(-a * r, -a * min(max(r, 1 - lo), 1 + hi))
+            if a < 0 and c > 1:
+                loss = min(loss, -a * c)
+            tot, n = tot + loss, n + 1
+    return tot / n
+
+
+def test_dual_clip_and_log_ratio_clamp_match_a_float64_loop():
+    g = torch.Generator().manual_seed(0)
+    logp = torch.randn(4, 7, generator=g, dtype=torch.float64) * 2
+    old = torch.randn(4, 7, generator=g, dtype=torch.float64) * 2
+    adv = torch.randn(4, 7, generator=g, dtype=torch.float64)
+    mask = (torch.rand(4, 7, generator=g) > 0.2).double()
+    n = float(mask.sum())
+    loss, st = rl.policy_loss(logp, old, adv, mask, 0.2, 0.28, "token_mean", n, 1.0, 3.0, 20.0)
+    assert loss.item() == pytest.approx(_naive_policy_loss(logp, old, adv, mask, 0.2, 0.28, 3.0, 20.0), rel=1e-12)
+    assert st["dual_clipped"] > 0  # the random ratios reach the cap: the case is exercised
+    off, _ = rl.policy_loss(logp, old, adv, mask, 0.2, 0.28, "token_mean", n, 1.0, 0.0, 20.0)
+    assert off.item() == pytest.approx(_naive_policy_loss(logp, old, adv, mask, 0.2, 0.28, 0.0, 20.0), rel=1e-12)
+    assert off.item() > loss.item()
+
+
+def test_one_stale_token_cannot_blow_up_the_loss():
+    """Bug pinned: with A < 0 one token with logp - old = 30 gave a loss of ~1e13, and a difference
+    above ~88 gave inf / NaN in fp32."""
+    mask = torch.ones(1, 2)
+    adv = torch.tensor([[-1.0, -1.0]])
+    for diff in (30.0, 100.0):
+        logp = torch.tensor([[diff, 0.0]], requires_grad=True)
+        loss, _ = rl.policy_loss(logp, torch.zeros(1, 2), adv, mask, 0.2, 0.2, "token_mean", 2.0)
+        loss.backward()
+        assert loss.item() == pytest.approx((3.0 + 1.0) / 2)  # capped at c |A| = 3; the other token: 1
+        assert torch.isfinite(logp.grad).all() and logp.grad[0, 0] == 0
+    unguarded, _ = rl.policy_loss(torch.tensor([[30.0, 0.0]]), torch.zeros(1, 2), adv, mask, 0.2, 0.2,
+                                  "token_mean", 2.0, clip_ratio_c=0.0, max_log_ratio=1e9)
+    assert unguarded.item() > 1e12  # what the guards prevent
+
+
+# ----------------------------------------------------------------------------------------------
+# The one verifier time limit: works from any thread
+
+
+def test_symbolic_grader_hang_is_bounded_from_a_worker_thread():
+    """Bug pinned: math-verify's own timeout is signal-based (main thread only), so score_math on
+    a power tower from a worker thread held the GIL for > 25 s; now a forked child is killed."""
+    out = {}
+    th = threading.Thread(target=lambda: out.update(r=V.score_math("The answer is \\boxed{9^{9^{9^9}}}.", "5")))
+    th.start()
+    th.join(120)  # generous: the child is killed after V.SYMBOLIC_TIMEOUT_S
+    assert not th.is_alive() and out["r"][0] == 0.0
+
+
+def test_call_with_timeout_kills_a_gil_holding_hang_and_reports_errors():
+    value, status, err = V.call_with_timeout(pow, 9, 9 ** 9 ** 3, timeout_s=1.0)  # C code holding the GIL
+    assert (value, status, err) == (None, "timeout", None)
+    assert V.call_with_timeout(lambda a: a + 1, 1, timeout_s=30.0) == (2, "ok", None)
+    value, status, err = V.call_with_timeout(lambda: 1 / 0, timeout_s=30.0)
+    assert status == "error" and "ZeroDivisionError" in err
+    value, status, err = V.call_with_timeout(os._exit, 3, timeout_s=30.0)  # the child dies silently
+    assert status == "error" and "died" in err
+
+
+def test_every_grading_path_uses_the_one_time_limit():
+    for name in ("01_cold_start_sft.py", "04_rl.py", "common.py", "verify.py"):
+        src = (ROOT / name).read_text()
+        assert "signal.alarm" not in src and "setitimer" not in src, name
+        assert "threading.Thread(" not in src, name
+
+
+# ----------------------------------------------------------------------------------------------
+# Default data paths work from any working directory
+
+
+@pytest.mark.slow
+def test_scripts_run_from_another_directory(tmp_path):
+    """Bug pinned: 04_rl.py read --math_test with read_jsonl(path), so a run started outside the
+    repository failed with 'data/math_test.jsonl: file not found' even with --eval_limit 0."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for name in SCRIPTS:
+        res = subprocess.run([sys.executable, str(ROOT / name), "--help"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True)
+        assert res.returncode == 0 and "--model" in res.stdout, res.stderr[-2000:]
+    tiny = ["--model", "tiny", "--precision", "fp32", "--device", "cpu"]
+    runs = {
+        "01_cold_start_sft.py": ["--objective", "plain", "--max_steps", "1", "--eval_limit", "1", "--eval_code_limit", "0",
+                                 "--eval_loss_limit", "1", "--eval_max_new_tokens", "2", "--max_len", "256"],
+        "02_overall_sft.py": ["--max_steps", "1", "--batch_size", "2", "--eval_limit", "1", "--eval_loss_limit", "1",
+                              "--agent_max_new_tokens", "2", "--math_max_new_tokens", "2", "--max_len", "2048"],
+        "04_rl.py": ["--stages", "stem:data/math_train.jsonl:1", "--eval_limit", "1", "--eval_max_new_tokens", "2",
+                     "--max_new_tokens", "2", "--eval_kinds", "stem", "--resume", "false"],
+    }
+    for name, args in runs.items():
+        res = subprocess.run([sys.executable, str(ROOT / name), *tiny, "--out_dir", str(tmp_path / name), *args],
+                             cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert res.returncode == 0, f"{name}:\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
+        assert (tmp_path / name / "final" / "config.json").exists(), name
+
+
+# ----------------------------------------------------------------------------------------------
+# bf16: the compute really runs in bf16, training learns, 1 vs 2 processes agree within tolerance
+
+
+def _tiny_rows(tok, n=4):
+    msgs = [[{"role": "user", "content": f"Count to {i}."}, {"role": "assistant", "content": " ".join(map(str, range(i)))}]
+            for i in range(3, 3 + n)]
+    return C.pack_rows([C.tokenize_chat(tok, m) for m in msgs], 512, packing=False)
+
+
+@needs_bf16
+def test_bf16_compute_really_runs_in_bf16_and_learns():
+    """TRL's distillation trainer ran fp32 under a bf16 flag; here a forward hook sees the dtype
+    inside the model during C.sft_step (the path stages 1-3 train through)."""
+    torch.manual_seed(0)
+    lm, tok = C.load_model_and_tokenizer("tiny")
+    policy = C.LogProbModel(lm)
+    seen = {}
+    layer = lm.model.layers[0]
+    layer.self_attn.q_proj.register_forward_hook(lambda m, i, o: seen.setdefault("q_out", o.dtype) and None)
+    layer.mlp.down_proj.register_forward_pre_hook(lambda m, i: seen.setdefault("down_in", i[0].dtype) and None)
+    opt = C.make_optimizer(policy, 3e-3, 0.0)
+    rows, d = _tiny_rows(tok), C.Dist()
+    losses = [C.sft_step(policy, opt, rows, d, torch.bfloat16, 2, tok.pad_token_id, 3e-3, 1.0, s)["loss"]
+              for s in range(8)]
+    assert seen == {"q_out": torch.bfloat16, "down_in": torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in policy.parameters())  # master weights stay fp32
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+# bf16 tolerance, derived: bf16 keeps 8 significant bits, so each rounding has relative error
+# <= u = 2^-8 ~ 3.9e-3. One process rounds under autocast (fp32 master weights cast per op), two
+# processes under FSDP2's MixedPrecisionPolicy (parameters gathered as bf16, norms included), so the
+# roundings fall in different places; on the tiny model's path (embedding, 2 x (attention, MLP),
+# norms, head: about 8 rounded stages) the losses may differ by up to ~8u relative, 3.1e-2.
+BF16_REL_TOL = 8 * 2.0 ** -8
+
+
+@needs_bf16
+@pytest.mark.slow
+def test_bf16_one_vs_two_processes_within_the_derived_tolerance(tmp_path):
+    data = ROOT / "data"
+    args = ["--model", "tiny", "--precision", "bf16", "--device", "cpu", "--max_steps", "2", "--batch_size", "4",
+            "--max_len", "2048", "--lr", "3e-3", "--warmup_steps", "1", "--data", f"chat={data / 'chat_train.jsonl'}:1",
+            "--eval_data", f"chat={data / 'chat_test.jsonl'}", "--eval_loss_limit", "4", "--eval_limit", "0"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    script = str(ROOT / "02_overall_sft.py")
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          script, *args, "--out_dir", str(tmp_path / "two")], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    res = subprocess.run([sys.executable, script, *args, "--out_dir", str(tmp_path / "one")], env=env,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    one, two = (json.loads((tmp_path / k / "eval_summary.json").read_text()) for k in ("one", "two"))
+    for when in ("start", "end"):
+        a, b = one[when]["loss_chat"], two[when]["loss_chat"]
+        assert abs(a - b) <= BF16_REL_TOL * abs(a), (when, a, b)
+    assert one["end"]["loss_chat"] < one["start"]["loss_chat"]
