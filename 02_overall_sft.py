@@ -241,6 +241,24 @@ def format_tool_call(name: str, arguments: dict) -> str:
     return f"{TOOL_CALL_OPEN}{json.dumps({'name': name, 'arguments': arguments}, ensure_ascii=False)}{TOOL_CALL_CLOSE}"
 
 
+def call_name_and_args(call, i: int) -> tuple[str, dict]:
+    """(name, arguments) of one OpenAI-style tool call of message i (`{"function": {"name",
+    "arguments"}}` or flat; arguments a dict or a JSON string). Raises C.DataError when the name is
+    missing or the arguments are not a JSON object."""
+    fn = (call.get("function", call) if isinstance(call, dict) else None) or {}
+    if not isinstance(fn.get("name"), str):
+        raise C.DataError(f"message {i}: tool call without a name: {call!r}")
+    args = fn.get("arguments", {})
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError:
+            raise C.DataError(f"message {i}: tool call arguments are not JSON: {args!r}") from None
+    if not isinstance(args, dict):
+        raise C.DataError(f"message {i}: tool call arguments must be an object, got {args!r}")
+    return fn["name"], args
+
+
 def tool_fallback(messages: list[dict], tok, tools: list[dict] | None = None) -> list[dict]:
     """For a chat template without tool support (SmolLM2's), rewrite tool use as text; others unchanged.
 
@@ -260,18 +278,7 @@ def tool_fallback(messages: list[dict], tok, tools: list[dict] | None = None) ->
             continue
         if "segments" in m:
             raise C.DataError(f"message {i}: tool calls and segments in one message are not supported")
-        texts = []
-        for c in calls:
-            fn = c.get("function", c)
-            if "name" not in fn:
-                raise C.DataError(f"message {i}: tool call without a name: {c}")
-            args = fn.get("arguments", {})
-            if isinstance(args, str):
-                try:
-                    args = json.loads(args)
-                except json.JSONDecodeError:
-                    raise C.DataError(f"message {i}: tool call arguments are not JSON: {args!r}") from None
-            texts.append(format_tool_call(fn["name"], args))
+        texts = [format_tool_call(*call_name_and_args(c, i)) for c in calls]
         content = m.get("content") or ""
         out.append({k: v for k, v in m.items() if k != "tool_calls"}
                    | {"content": (content + "\n" if content else "") + "\n".join(texts)})
@@ -311,19 +318,9 @@ def check_tool_calls(messages: list[dict], tools: list[dict] | None) -> None:
         if m.get("role") != "assistant":
             continue
         for c in m.get("tool_calls") or []:
-            fn = c.get("function", c) if isinstance(c, dict) else {}
-            if not isinstance(fn.get("name"), str):
-                raise C.DataError(f"message {i}: tool call without a name: {c!r}")
-            if names and fn["name"] not in names:
-                raise C.DataError(f"message {i}: tool call to unknown tool {fn['name']!r} (tools: {names})")
-            args = fn.get("arguments", {})
-            if isinstance(args, str):
-                try:
-                    args = json.loads(args)
-                except json.JSONDecodeError:
-                    raise C.DataError(f"message {i}: tool call arguments are not JSON: {args!r}") from None
-            if not isinstance(args, dict):
-                raise C.DataError(f"message {i}: tool call arguments must be an object, got {args!r}")
+            name, args = call_name_and_args(c, i)
+            if names and name not in names:
+                raise C.DataError(f"message {i}: tool call to unknown tool {name!r} (tools: {names})")
         content = m.get("content") or ""
         if TOOL_CALL_OPEN in content or TOOL_CALL_CLOSE in content:
             n_open, n_close = content.count(TOOL_CALL_OPEN), content.count(TOOL_CALL_CLOSE)

@@ -497,7 +497,9 @@ def eval_arith(expr: str) -> Fraction:
 
     try:
         return ev(ast.parse(expr.strip(), mode="eval"))
-    except (SyntaxError, ZeroDivisionError, TypeError, RecursionError) as e:
+    except ZeroDivisionError:
+        raise ValueError(f"cannot evaluate {expr!r}: division by zero") from None
+    except (SyntaxError, TypeError, RecursionError) as e:
         raise ValueError(f"cannot evaluate {expr!r}: {e}") from None
 
 
