@@ -916,6 +916,8 @@ def load_train_data(cfg: Config, tok, traj_path: Path, d, skipped: Counter) -> d
 
 
 def main(argv=None, grader=default_grader):
+    """The stage as one story: setup -> model -> (build) -> (eval mode) -> data -> eval at start ->
+    loop -> eval -> save; every step of it is a named function above."""
     t_start = time.time()
     cfg = C.parse_config(Config, argv)
     check_config(cfg)

@@ -830,6 +830,9 @@ def summarize(cfg: Config, eval_start: dict, eval_end: dict, skipped: dict, t_st
 
 
 def main(argv=None):
+    """The stage as one story: setup -> data -> model -> eval at start -> loop -> eval -> save.
+    Kept in one function (a little over 80 lines) so that it reads as the script's outline; every
+    step of it is a named function above."""
     t_start = time.time()
     cfg = C.parse_config(Config, argv)
     if cfg.curriculum not in CURRICULA:

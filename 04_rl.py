@@ -1443,6 +1443,10 @@ def summary_table(summary: list[dict]) -> str:
 
 
 def main(argv=None):
+    """The stage as one story: setup -> resume point -> models (policy, reference, reward model) ->
+    eval at start -> sub-stages (rl_train, checkpoint, eval) -> summary. Kept in one function (a
+    little over 80 lines) so that it reads as the script's outline; every step of it is a named
+    function above."""
     cfg = C.parse_config(Config, argv)
     d = C.init_distributed(cfg.device)
     C.set_seed(cfg.seed + d.rank)
