@@ -134,7 +134,7 @@ def main(argv=None):
 
     def step():
         ids = torch.randint(0, V, (cfg.batch, cfg.seq), generator=g).to(dev)
-        with C.autocast(dev, dtype):
+        with C.fwd_context(policy, d, dtype):
             out = policy(ids, ids)
         loss = C.masked_ce_loss(out["logp"], ids, C.count_trained(ids))
         loss.backward()

@@ -255,3 +255,19 @@ def test_bf16_one_vs_two_processes_within_the_derived_tolerance(tmp_path):
         a, b = one[when]["loss_chat"], two[when]["loss_chat"]
         assert abs(a - b) <= BF16_REL_TOL * abs(a), (when, a, b)
     assert one["end"]["loss_chat"] < one["start"]["loss_chat"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The benchmarks still run on the shared code paths (a smoke run, no timing is checked)
+
+
+@pytest.mark.slow
+def test_benchmarks_run_on_the_tiny_shapes(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for cmd in (["bench/throughput.py", "--model", "tiny", "--batch", "1", "--seq", "16", "--steps", "1",
+                 "--matmul_budget_s", "0.05", "--device", "cpu"],
+                ["bench/logprobs_memory.py", "--batch", "1", "--seq", "8", "--vocab", "64", "--hidden", "16",
+                 "--chunk_size", "4"]):
+        res = subprocess.run([sys.executable, str(ROOT / cmd[0]), *cmd[1:]], cwd=tmp_path, env=env,
+                             capture_output=True, text=True)
+        assert res.returncode == 0, f"{cmd[0]}:\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
