@@ -54,27 +54,19 @@ S1_ARGS = TINY + ["--objective", "plain", "--max_steps", "3", "--micro_batch_siz
                   "--eval_code_limit", "0", "--eval_loss_limit", "2"]
 
 
-def test_golden_stage1_and_resume(tmp_path):
-    S1.main(S1_ARGS + ["--out_dir", str(tmp_path / "a")])
-    _check("01", [r["loss"] for r in _train_rows(tmp_path / "a")])
-    assert S1.main(S1_ARGS + ["--out_dir", str(tmp_path / "b"), "--stop_after", "1"]) is None
-    S1.main(S1_ARGS + ["--out_dir", str(tmp_path / "b")])
-    a, b = _train_rows(tmp_path / "a"), _train_rows(tmp_path / "b")
-    assert [r["step"] for r in b] == [1, 2, 3]
-    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-6)
-
-
 S2_ARGS = TINY + ["--max_steps", "3", "--batch_size", "4", "--micro_batch_size", "1", "--max_len", "2048",
                   "--lr", "3e-3", "--warmup_steps", "1",
                   "--data", f"chat={DATA / 'chat_train.jsonl'}:1", f"reasoning={DATA / 'math_train.jsonl'}:1",
                   "--eval_data", f"chat={DATA / 'chat_test.jsonl'}", "--eval_loss_limit", "2", "--eval_limit", "0"]
 
 
-def test_golden_stage2_and_resume(tmp_path):
-    S2.main(S2_ARGS + ["--out_dir", str(tmp_path / "a")])
-    _check("02", [r["loss"] for r in _train_rows(tmp_path / "a")])
-    assert S2.main(S2_ARGS + ["--out_dir", str(tmp_path / "b"), "--stop_after", "1"]) is None
-    S2.main(S2_ARGS + ["--out_dir", str(tmp_path / "b")])
+@pytest.mark.parametrize("name", ["01", "02"])
+def test_golden_sft_stages_and_resume(tmp_path, name):
+    main, args = {"01": (S1.main, S1_ARGS), "02": (S2.main, S2_ARGS)}[name]
+    main(args + ["--out_dir", str(tmp_path / "a")])
+    _check(name, [r["loss"] for r in _train_rows(tmp_path / "a")])
+    assert main(args + ["--out_dir", str(tmp_path / "b"), "--stop_after", "1"]) is None
+    main(args + ["--out_dir", str(tmp_path / "b")])
     a, b = _train_rows(tmp_path / "a"), _train_rows(tmp_path / "b")
     assert [r["step"] for r in b] == [1, 2, 3]
     assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-6)
