@@ -1038,7 +1038,7 @@ def s2r_token_advantages(ro: Rollout, seq_reward: torch.Tensor, tok, cfg: Config
 
 
 def score(ro: Rollout, policy, ref, critic, cfg: Config, kind: str, tok, d: C.Dist, dtype, rm_norm: dict) -> dict:
-    """Step 2: the loss mask, old / reference log-probs and values, shaped rewards (reference-model
+    """Step 2: the loss mask, old / reference log-probs and values, shaped rewards (reward-model
     scores normalised for pref), and advantages: GRPO group advantages (or S2R process advantages)
     of the sequence reward, or PPO's GAE over the critic's values, whitened over the global batch.
     `rm_norm` holds the running moments of the reward model's scores (updated in place)."""
