@@ -80,7 +80,6 @@ import verify as V
 
 # Stage 1's self-verification format (VERIFY_OPEN, VERDICT_OK, VERDICT_BAD, ATTEMPT_SEP) and its
 # parser are defined once, in verify.py: the contract between the stages.
-MAX_RESPONSE_CHARS = 8000  # as V.score_math's max_chars
 
 
 # ----------------------------------------------------------------------------------------------
@@ -554,7 +553,7 @@ def math_reward(response: str, ref_answer: str, question: str = "") -> tuple[flo
     V.score_math (a hedged attempt with two answers scores 0), and info["steps"] holds the S2R
     steps with their rewards (see s2r_steps). Otherwise score_math over the whole response.
     """
-    if len(response) > MAX_RESPONSE_CHARS:  # huge outputs: never parsed, never rewarded
+    if len(response) > V.MAX_RESPONSE_CHARS:  # huge outputs: never parsed, never rewarded
         return 0.0, {"reason": "too_long"}
     if V.VERDICT_OK in response or V.VERDICT_BAD in response:
         steps = s2r_steps(response, ref_answer, question)

@@ -393,6 +393,7 @@ def math_answers_equal(pred: str, ref: str) -> bool:
 # Math: reward
 # ---------------------------------------------------------------------------
 
+MAX_RESPONSE_CHARS = 8000  # longer responses are never parsed (length exploits, grader DoS)
 _ECHO_MAX_EXTRA_CHARS = 20
 _MAX_DISTINCT_ANSWERS = 5
 
@@ -429,7 +430,8 @@ def _has_conflicting_answers(answers: list[str]) -> bool:
     return not all(math_answers_equal(other, distinct[0]) for other in distinct[1:])
 
 
-def score_math(response: str, ref_answer: str, prompt: str = "", *, max_chars: int = 8000) -> tuple[float, dict]:
+def score_math(response: str, ref_answer: str, prompt: str = "", *,
+               max_chars: int = MAX_RESPONSE_CHARS) -> tuple[float, dict]:
     """Reward for a math response: ``(1.0 or 0.0, {"pred": ..., "reason": ...})``.
 
     Checks, in order (each one closes a known reward hack):
