@@ -991,6 +991,14 @@ def shape_rewards(task_reward: torch.Tensor, fmt: torch.Tensor, lengths: torch.T
     return {"total": total, "seq": total - beta * kl_tok.double().sum(1), "tok": tok_reward.float()}
 
 
+def micro_batch_args(ro: Rollout, mb: list[int], cfg: Config, tok, d: C.Dist) -> tuple[int, tuple]:
+    """(Tm, the positional arguments of `response_forward`) for rows `mb` of a rollout, cut to
+    their longest response Tm (no forward pass over columns that are padding in every row)."""
+    Tm = int(ro.lengths[mb].max())
+    return Tm, ([ro.prompt_ids[i] for i in mb], ro.tokens[mb, :Tm], ro.lengths[mb], tok.pad_token_id,
+                cfg.temperature, d.device)
+
+
 def forward_old(policy, ref, critic, ro: Rollout, cfg: Config, tok, d: C.Dist, dtype, need_old: bool,
                 use_ref: bool, shared_values: bool) -> dict[str, torch.Tensor]:
     """old_logp, ref_logp, old_values [n, T] of the rollout under the current policy, the frozen
@@ -1002,9 +1010,7 @@ def forward_old(policy, ref, critic, ro: Rollout, cfg: Config, tok, d: C.Dist, d
     with torch.no_grad(), C.fwd_context(policy, d, dtype):
         for i in range(0, n, cfg.micro_batch_size):
             mb = list(range(i, min(i + cfg.micro_batch_size, n)))
-            Tm = int(ro.lengths[mb].max())
-            args = ([ro.prompt_ids[j] for j in mb], ro.tokens[mb, :Tm], ro.lengths[mb], tok.pad_token_id,
-                    cfg.temperature, d.device)
+            Tm, args = micro_batch_args(ro, mb, cfg, tok, d)
             if need_old:
                 o = response_forward(policy, *args, return_values=shared_values)
                 out["old_logp"][mb, :Tm] = o["logp"].float().cpu()
@@ -1139,9 +1145,7 @@ def update(policy, critic, opt, critic_opt, ro: Rollout, b: dict, cfg: Config, t
             loss_step = 0.0
             for j in range(0, len(rows), cfg.micro_batch_size):
                 mb = rows[j:j + cfg.micro_batch_size]
-                Tm = int(ro.lengths[mb].max())
-                args = ([ro.prompt_ids[i] for i in mb], ro.tokens[mb, :Tm], ro.lengths[mb], tok.pad_token_id,
-                        cfg.temperature, d.device)
+                Tm, args = micro_batch_args(ro, mb, cfg, tok, d)
                 with C.fwd_context(policy, d, dtype):
                     out = response_forward(policy, *args, return_values=shared_values)
                     vals = out["values"].float() if shared_values else None

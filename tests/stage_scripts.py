@@ -1,7 +1,10 @@
 """Import the stage scripts as modules: their file names start with a digit, so `import` cannot."""
+import contextlib
 import importlib.util
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -15,3 +18,28 @@ def load_script(filename: str, name: str):
         sys.modules[name] = mod
         spec.loader.exec_module(mod)
     return sys.modules[name]
+
+
+class Killed(Exception):
+    """Raised by `killed_at_log` in place of a log call: the run dies as if killed there."""
+
+
+@contextlib.contextmanager
+def killed_at_log(monkeypatch, when):
+    """Inside the block, the first MetricsLogger.log call with when(step, metrics) true raises
+    Killed (the block must end that way), as if the run were killed before logging that step;
+    afterwards logging is restored."""
+    import common as C
+    real_log = C.MetricsLogger.log
+
+    def dying_log(self, step, metrics, *a, **k):
+        if when(step, metrics):
+            raise Killed()
+        return real_log(self, step, metrics, *a, **k)
+
+    monkeypatch.setattr(C.MetricsLogger, "log", dying_log)
+    try:
+        with pytest.raises(Killed):
+            yield
+    finally:
+        monkeypatch.setattr(C.MetricsLogger, "log", real_log)

@@ -18,8 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import common as C  # noqa: E402
-from stage_scripts import load_script  # noqa: E402
+from stage_scripts import killed_at_log, load_script  # noqa: E402
 
 S1 = load_script("01_cold_start_sft.py", "golden_s1")
 S2 = load_script("02_overall_sft.py", "golden_s2")
@@ -78,26 +77,14 @@ RL_ARGS = TINY + ["--stages", f"toy:{DATA / 'math_train.jsonl'}:3", "--eval_kind
                   "--ppo_epochs", "2", "--save_every", "1", "--resume", "false"]
 
 
-class _Killed(Exception):
-    pass
-
-
 def test_golden_stage4_and_resume(tmp_path, monkeypatch):
     RL.main(RL_ARGS + ["--out_dir", str(tmp_path / "a")])
     a = _train_rows(tmp_path / "a")
     _check("04_reward", [r["reward_mean"] for r in a])
     _check("04_loss", [r["loss"] for r in a])
-    real_log = C.MetricsLogger.log
-
-    def dying_log(self, step, metrics):  # killed during step 2, after the step-1 checkpoint
-        if step == 1 and "grad_norm" in metrics:
-            raise _Killed()
-        return real_log(self, step, metrics)
-
-    monkeypatch.setattr(C.MetricsLogger, "log", dying_log)
-    with pytest.raises(_Killed):
+    # killed during step 2, after the step-1 checkpoint
+    with killed_at_log(monkeypatch, lambda step, metrics: step == 1 and "grad_norm" in metrics):
         RL.main(RL_ARGS + ["--out_dir", str(tmp_path / "b")])
-    monkeypatch.setattr(C.MetricsLogger, "log", real_log)
     RL.main(RL_ARGS[:-2] + ["--resume", "true", "--out_dir", str(tmp_path / "b")])
     b = _train_rows(tmp_path / "b")
     assert [r["step"] for r in b] == [0, 1, 2]

@@ -14,7 +14,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common as C  # noqa: E402
-from stage_scripts import load_script  # noqa: E402
+from stage_scripts import killed_at_log, load_script  # noqa: E402
 
 rl = load_script("04_rl.py", "rl04")
 TINY = ["--model", "tiny", "--precision", "fp32", "--resume", "false", "--eval_kinds"]
@@ -299,10 +299,6 @@ def test_one_process_accum2_equals_two_processes(tmp_path):
 
 # ---------------------------------------------------------------------------- resume inside a sub-stage
 
-class _Killed(Exception):
-    pass
-
-
 @pytest.mark.parametrize("critic", ["separate", "head"])
 def test_killed_run_resumes_mid_stage_like_uninterrupted(tmp_path, monkeypatch, critic):
     """PPO (critic and its optimizer, value head, policy optimizer, RNG all in the checkpoint):
@@ -316,17 +312,8 @@ def test_killed_run_resumes_mid_stage_like_uninterrupted(tmp_path, monkeypatch, 
     rl.main(args + ["--out_dir", str(tmp_path / "straight")])
     assert not (tmp_path / "straight" / "1_toy_ckpts").exists()  # removed once the sub-stage finished
 
-    real_log = C.MetricsLogger.log
-
-    def dying_log(self, step, metrics):
-        if step == 2:
-            raise _Killed()
-        return real_log(self, step, metrics)
-
-    monkeypatch.setattr(C.MetricsLogger, "log", dying_log)
-    with pytest.raises(_Killed):
+    with killed_at_log(monkeypatch, lambda step, metrics: step == 2):
         rl.main(args + ["--out_dir", str(tmp_path / "killed")])
-    monkeypatch.setattr(C.MetricsLogger, "log", real_log)
     ck = tmp_path / "killed" / "1_toy_ckpts" / "ckpt-000002"
     assert (ck / "state.json").exists() and not (tmp_path / "killed" / "1_toy").exists()
     assert (ck / "critic.pt").exists() if critic == "separate" else (ck / "extra_state.pt").exists()
