@@ -271,3 +271,48 @@ def test_benchmarks_run_on_the_tiny_shapes(tmp_path):
         res = subprocess.run([sys.executable, str(ROOT / cmd[0]), *cmd[1:]], cwd=tmp_path, env=env,
                              capture_output=True, text=True)
         assert res.returncode == 0, f"{cmd[0]}:\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 4's reward shaping and loss assembly against loops written out by hand
+
+
+def test_shape_rewards_matches_a_loop():
+    task = torch.tensor([1.0, 0.0, 0.5], dtype=torch.float64)
+    fmt = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)
+    lengths = torch.tensor([3, 5, 1])
+    kl = torch.rand(3, 5, generator=torch.Generator().manual_seed(0)) * (torch.arange(5)[None] < lengths[:, None])
+    out = rl.shape_rewards(task, fmt, lengths, kl, format_weight=0.1, overlong="penalty", overlong_weight=2.0,
+                           overlong_max_len=5, overlong_cache=2, kl_coef=0.3, kl_in="reward")
+    for i in range(3):
+        L = int(lengths[i])
+        pen = 0.0 if L <= 3 else (3 - L) / 2 if L <= 5 else -1.0  # DAPO eq. 13 with L_max 5, cache 2
+        total = float(task[i]) + 0.1 * float(fmt[i]) + 2.0 * pen
+        assert out["total"][i].item() == pytest.approx(total)
+        assert out["seq"][i].item() == pytest.approx(total - 0.3 * float(kl[i].sum()), rel=1e-6)
+        for t in range(5):
+            want = -0.3 * float(kl[i, t]) + (total if t == L - 1 else 0.0)
+            assert out["tok"][i, t].item() == pytest.approx(want, rel=1e-5, abs=1e-6)
+    loss_in = rl.shape_rewards(task, fmt, lengths, kl, 0.1, "none", 2.0, 5, 2, 0.3, "loss")
+    assert torch.equal(loss_in["seq"], loss_in["total"])  # KL in the loss: not in the reward
+
+
+def test_rl_loss_is_the_sum_of_its_terms():
+    g = torch.Generator().manual_seed(1)
+    logp, old, ref = (torch.randn(2, 4, generator=g) * 0.3 for _ in range(3))
+    adv, mask = torch.randn(2, 4, generator=g), torch.tensor([[1.0, 1, 1, 0], [1, 1, 0, 0]])
+    values, old_values, returns = (torch.randn(2, 4, generator=g) for _ in range(3))
+    cfg = rl.Config(kl_coef=0.2, kl_estimator="k3", kl_in="loss", loss_agg="token_mean")
+    n = float(mask.sum())
+    pl, _ = rl.policy_loss(logp, old, adv, mask, cfg.clip_low, cfg.clip_high, "token_mean", n, 64.0,
+                           cfg.clip_ratio_c, cfg.max_log_ratio)
+    k3 = rl.kl_estimators(logp, ref)["k3"]
+    vl, _ = rl.value_loss(values, old_values, returns, mask, cfg.value_clip, n)
+    grpo, st = rl.rl_loss(logp, old, adv, mask, n, cfg, ref_logp=ref)
+    assert grpo.item() == pytest.approx((pl + 0.2 * (k3 * mask).sum() / n).item(), rel=1e-6)
+    assert st["k3"].item() == pytest.approx((k3 * mask).sum().item(), rel=1e-6)
+    ppo, st = rl.rl_loss(logp, old, adv, mask, n, cfg, ref_logp=ref, values=values, old_values=old_values,
+                         returns=returns, n_tok=n, vf_coef=0.5)
+    assert ppo.item() == pytest.approx((pl + 0.2 * (k3 * mask).sum() / n + 0.5 * vl).item(), rel=1e-6)
+    reward_kl = rl.rl_loss(logp, old, adv, mask, n, rl.Config(kl_coef=0.2, kl_in="reward"), ref_logp=ref)[0]
+    assert reward_kl.item() == pytest.approx(pl.item(), rel=1e-6)  # KL in the reward: not in the loss
