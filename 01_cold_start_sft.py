@@ -106,6 +106,8 @@ import numpy as np
 import torch
 
 import common as C
+import models as M
+import sampler as S
 import sandbox
 import verify as V
 
@@ -119,7 +121,7 @@ class Config:
     # run
     mode: str = C.arg("train", "build | train | eval (see the module docstring)")
     objective: str = C.arg("reflective", "reflective | plain | cot_pretrain")
-    model: str = C.arg(C.EMBEDDED, "'smollm2-135m-instruct' (embedded), 'tiny' or a local HF dir")
+    model: str = C.arg(M.EMBEDDED, "'smollm2-135m-instruct' (embedded), 'tiny' or a local HF dir")
     out_dir: str = C.arg("runs/01_cold_start_sft", "output dir: trajectories, metrics, ckpt-*, final/")
     seed: int = C.arg(0, "seed of sampling, trajectory composition, data order and the tiny model")
     device: str = C.arg("auto", "auto | cpu | cuda")
@@ -578,8 +580,8 @@ def build_trajectories(policy, tok, cfg: Config, d, dtype, grader=default_grader
                for i in mine for _ in range(cfg.k_samples)]
     t0 = time.time()
     policy.eval()
-    with C.gathered_for_generation(policy), torch.no_grad():
-        texts = C.generate_texts(policy, tok, prompts, cfg.sample_max_new_tokens, cfg.sample_batch_size, d, dtype,
+    with S.gathered_for_generation(policy), torch.no_grad():
+        texts = S.generate_texts(policy, tok, prompts, cfg.sample_max_new_tokens, cfg.sample_batch_size, d, dtype,
                                  temperature=cfg.sample_temperature, seed=cfg.seed * 7919 + d.rank + 1)
     policy.train()
     C.print0(f"[build] sampled {len(texts)} responses on rank 0 in {time.time() - t0:.0f}s")
@@ -767,14 +769,14 @@ def evaluate(policy, tok, cfg: Config, sets: dict, d, dtype, full: bool = True, 
         ok, info = safe_grade(lambda a, b: grader(a, b, cfg.code_timeout_s), task, text, cfg.verifier_timeout_s)
         return ok, info
 
-    with C.gathered_for_generation(policy), torch.no_grad():
+    with S.gathered_for_generation(policy), torch.no_grad():
         if sets["loss"]:
             tot, n = C.loss_sums(policy, sets["loss"][r::W], cfg.eval_batch_size, tok.pad_token_id, d, dtype)
             sums["loss_num"], sums["loss_den"] = tot, n
         if full:  # math and code prompts share the generate batches (fewer, fuller batches)
             tasks = sets["math"][r::W] + sets["code"][r::W]
             prompts = [C.chat_prompt_ids(tok, prompt_messages(t, cfg.system_prompt)) for t in tasks]
-            texts = C.generate_texts(policy, tok, prompts, cfg.eval_max_new_tokens, cfg.eval_batch_size, d, dtype)
+            texts = S.generate_texts(policy, tok, prompts, cfg.eval_max_new_tokens, cfg.eval_batch_size, d, dtype)
             for dom in ("math", "code"):
                 pairs = [(t, x) for t, x in zip(tasks, texts) if t["domain"] == dom]
                 for k, v in score_responses([t for t, _ in pairs], [x for _, x in pairs], grade).items():
@@ -890,7 +892,7 @@ def train_loop(policy, opt, tok, cfg: Config, d, dtype, data: dict, start_step: 
             ev = evaluate(policy, tok, cfg, eval_sets, d, dtype, full=False, grader=grader)
             log.log(done, {f"eval_{k}": v for k, v in C.numeric(ev).items()}, advance=False)
         if (cfg.save_every and done % cfg.save_every == 0) or done == total_steps or done == cfg.stop_after:
-            C.save_checkpoint(cfg.out_dir, done, policy, tok, opt, d, cfg,
+            M.save_checkpoint(cfg.out_dir, done, policy, tok, opt, d, cfg,
                               {"pos": pos, "eval_start": eval_start, "skipped": dict(skipped)})
         if cfg.stop_after and done == cfg.stop_after and done < total_steps:
             C.print0(f"stopping after step {done} (--stop_after); rerun to resume")
@@ -931,9 +933,9 @@ def main(argv=None, grader=default_grader):
     skipped = Counter()
 
     # ---- model (from the newest checkpoint when resuming a training run)
-    ck = C.latest_checkpoint(out_dir) if (cfg.resume and cfg.mode == "train") else None
-    model, tok = C.load_model_and_tokenizer(str(ck / "model") if ck else cfg.model, cfg.seed)
-    policy = C.shard_model(C.LogProbModel(model), d, dtype, cfg.activation_checkpointing)
+    ck = M.latest_checkpoint(out_dir) if (cfg.resume and cfg.mode == "train") else None
+    model, tok = M.load_model_and_tokenizer(str(ck / "model") if ck else cfg.model, cfg.seed)
+    policy = C.shard_model(M.LogProbModel(model), d, dtype, cfg.activation_checkpointing)
 
     # ---- build (S2R stage 0): --mode build, or train with reflective and no trajectories file
     build_counts = None
@@ -953,7 +955,7 @@ def main(argv=None, grader=default_grader):
     opt = C.make_optimizer(policy, cfg.lr, cfg.weight_decay)
     start_step, pos, eval_start = 0, 0, None
     if ck is not None:
-        state = C.load_checkpoint(ck, policy, opt, d)
+        state = M.load_checkpoint(ck, policy, opt, d)
         start_step, pos, eval_start = state["step"], state["pos"], state.get("eval_start")
         C.print0(f"resumed from {ck} at step {start_step} (sample position {pos})")
     policy.train()
@@ -981,7 +983,7 @@ def main(argv=None, grader=default_grader):
     log.log(data["total_steps"], {f"eval_{k}": v for k, v in C.numeric(eval_end).items()}
             | {"eval_seconds": time.time() - t0}, advance=False)
     write_responses(out_dir / "eval_end_responses.jsonl", eval_end.pop("responses"), d)
-    C.save_hf(policy, tok, out_dir / "final", d)
+    M.save_hf(policy, tok, out_dir / "final", d)
     s, e = C.numeric(eval_start), C.numeric(eval_end)
     summary = {"start": s, "end": e, "change": {k: e[k] - s[k] for k in e if k in s and isinstance(e[k], float)},
                "objective": cfg.objective, "steps": data["total_steps"], "skipped": dict(skipped),

@@ -55,7 +55,7 @@ Deliberate simplifications (read before trusting a number)
     without raising); an invalid call ends the episode (no retry); success = the task's expected
     result appears in the final answer, as a whole token.
   * Every assistant turn is trained, including earlier turns of a multi-turn conversation.
-  * Eval under FSDP: parameters are gathered once (C.gathered_for_generation) and each rank
+  * Eval under FSDP: parameters are gathered once (S.gathered_for_generation) and each rank
     evaluates its shard of every eval set; sums are all-reduced.
 
 Run (from the repo root)
@@ -83,6 +83,8 @@ import numpy as np
 import torch
 
 import common as C
+import models as M
+import sampler as S
 import verify as V
 
 
@@ -93,7 +95,7 @@ import verify as V
 @dataclass
 class Config:
     # model / run
-    model: str = C.arg(C.EMBEDDED, "HF dir (e.g. runs/01_cold_start_sft/final), 'smollm2-135m-instruct' or 'tiny'")
+    model: str = C.arg(M.EMBEDDED, "HF dir (e.g. runs/01_cold_start_sft/final), 'smollm2-135m-instruct' or 'tiny'")
     out_dir: str = C.arg("runs/02_overall_sft", "output dir: metrics.jsonl, eval_summary.json, ckpt-*, final/")
     seed: int = C.arg(0, "seed of the mixture sampler and of the tiny model")
     device: str = C.arg("auto", "auto | cpu | cuda")
@@ -706,7 +708,7 @@ def evaluate(policy, tok, cfg: Config, sets: dict, run_tool, d, dtype, full: boo
     policy.eval()
     r, W = d.rank, d.world_size
     sums = {}
-    with C.gathered_for_generation(policy), torch.no_grad():
+    with S.gathered_for_generation(policy), torch.no_grad():
         for name, samples in sets["loss"].items():
             sums[f"lossnum_{name}"], sums[f"lossden_{name}"] = C.loss_sums(
                 policy, samples[r::W], cfg.eval_batch_size, tok.pad_token_id, d, dtype)
@@ -714,7 +716,7 @@ def evaluate(policy, tok, cfg: Config, sets: dict, run_tool, d, dtype, full: boo
         if full and sets["agent"]:
             def generate_turns(batch):
                 prompts = [C.chat_prompt_ids(tok, tool_fallback(m, tok, t), t) for m, t in batch]
-                return C.generate_texts(policy, tok, prompts, cfg.agent_max_new_tokens, cfg.eval_batch_size, d, dtype,
+                return S.generate_texts(policy, tok, prompts, cfg.agent_max_new_tokens, cfg.eval_batch_size, d, dtype,
                                         stop_strings=(TOOL_CALL_CLOSE,))
             st = run_agent_tasks(sets["agent"][r::W], generate_turns, run_tool, cfg.agent_max_rounds)
             examples = st.pop("examples")[:2]
@@ -723,7 +725,7 @@ def evaluate(policy, tok, cfg: Config, sets: dict, run_tool, d, dtype, full: boo
         if full and sets["math"]:
             rows = sets["math"][r::W]
             prompts = [C.chat_prompt_ids(tok, [{"role": "user", "content": q["question"]}]) for q in rows]
-            texts = C.generate_texts(policy, tok, prompts, cfg.math_max_new_tokens, cfg.eval_batch_size, d, dtype)
+            texts = S.generate_texts(policy, tok, prompts, cfg.math_max_new_tokens, cfg.eval_batch_size, d, dtype)
             scores = [V.score_math(t, str(q["answer"]), prompt=q["question"]) for t, q in zip(texts, rows)]
             sums["math_n"] = len(rows)
             sums["math_correct"] = sum(s for s, _ in scores)
@@ -848,27 +850,27 @@ def main(argv=None):
 
     # ---- data (the model's tokenizer first: from the newest checkpoint when resuming)
     sources = parse_mixture(cfg.data, cfg.mixture_file, cfg.weights_end)
-    ck = C.latest_checkpoint(out_dir) if cfg.resume else None
-    model, tok = C.load_model_and_tokenizer(str(ck / "model") if ck else cfg.model, cfg.seed)
+    ck = M.latest_checkpoint(out_dir) if cfg.resume else None
+    model, tok = M.load_model_and_tokenizer(str(ck / "model") if ck else cfg.model, cfg.seed)
     data, names, sampler, skipped = load_mixture(cfg, sources, tok)
     eval_sets, eval_skips = load_eval_sets(cfg, tok)
     skipped.update(eval_skips)
     run_tool = load_run_tool(cfg.tools_module) if eval_sets["agent"] else None
 
     # ---- model
-    policy = C.LogProbModel(model)
+    policy = M.LogProbModel(model)
     policy = C.shard_model(policy, d, dtype, cfg.activation_checkpointing)
     opt = C.make_optimizer(policy, cfg.lr, cfg.weight_decay)
     start_step, draws, eval_start = 0, 0, None
     if ck is not None:
-        state = C.load_checkpoint(ck, policy, opt, d)
+        state = M.load_checkpoint(ck, policy, opt, d)
         start_step, draws, eval_start = state["step"], state["sampler"]["draws"], state.get("eval_start")
         C.print0(f"resumed from {ck} at step {start_step} ({draws} samples drawn)")
     policy.train()
     log = C.MetricsLogger(out_dir, d, cfg.max_steps, cfg, cfg.wandb_project, initial_step=start_step)
 
     def save(step):
-        C.save_checkpoint(out_dir, step, policy, tok, opt, d, cfg,
+        M.save_checkpoint(out_dir, step, policy, tok, opt, d, cfg,
                           {"sampler": sampler.state(draws), "eval_start": eval_start, "skipped": skipped})
 
     # ---- eval at the start (skipped on resume: the start figures were saved with the checkpoint)
@@ -911,7 +913,7 @@ def main(argv=None):
     eval_end = evaluate(policy, tok, cfg, eval_sets, run_tool, d, dtype, full=True)
     log.log(cfg.max_steps, {f"eval_{k}": v for k, v in C.numeric(eval_end).items()}
             | {"eval_seconds": time.time() - t0}, advance=False)
-    C.save_hf(policy, tok, out_dir / "final", d)
+    M.save_hf(policy, tok, out_dir / "final", d)
     summary = summarize(cfg, eval_start, eval_end, skipped, t_start, d)
     C.print0(f"done in {(time.time() - t_start) / 60:.1f} min; final model in {out_dir / 'final'}")
     log.close()

@@ -13,7 +13,7 @@ Papers
 
 One RL step (mirrored by `# step N` comments in `rl_train`), three functions:
   1. rollout(...) -> Rollout: a batch of prompts, G completions each from the shared sampler
-     (`C.generate` under `C.gathered_for_generation`), the exact sampled ids kept, rewarded (verifier /
+     (`S.generate` under `S.gathered_for_generation`), the exact sampled ids kept, rewarded (verifier /
      sandbox / reward model, each under `safe_reward`); with dynamic sampling, groups whose rewards
      are all equal are dropped and refilled.
   2. score(...): the loss mask, old / reference log-probs and values, `shape_rewards` (format and
@@ -75,6 +75,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common as C
+import models as M
+import sampler as S
 import sandbox
 import verify as V
 
@@ -90,7 +92,7 @@ import verify as V
 class Config:
     # what to run
     mode: str = C.arg("rl", "rl (the sub-stages) | train_reward_model (Bradley-Terry RM on --pref_train)")
-    model: str = C.arg(C.EMBEDDED, "policy: embedded default, 'tiny', or an HF dir (e.g. runs/03_distill/final)")
+    model: str = C.arg(M.EMBEDDED, "policy: embedded default, 'tiny', or an HF dir (e.g. runs/03_distill/final)")
     out_dir: str = C.arg("runs/04_rl", "output dir: <i>_<kind>/ per sub-stage, final/, metrics.jsonl, summary.json")
     stages: str = C.arg("stem:data/math_train.jsonl:8",
                         "sub-stages 'kind:prompts.jsonl:steps -> ...'; kind = stem|code|pref|toy")
@@ -240,7 +242,7 @@ def validate(cfg: Config, d: C.Dist) -> None:
 # Model: policy with an optional value head, scalar-head models (critic, reward model)
 
 
-class ActorCritic(C.LogProbModel):
+class ActorCritic(M.LogProbModel):
     """The policy (LogProbModel) plus a scalar value head on its last hidden state.
 
     Sharded as one FSDP2 root, so the head's parameters are gathered in the same forward.
@@ -290,15 +292,15 @@ def shift_right(x: torch.Tensor) -> torch.Tensor:
 def save_scalar_model(model: nn.Module, tok, path: Path, d: C.Dist) -> None:
     """HF dir (the backbone LM, loadable by any stage) + head.pt (the scalar head). Collective
     under FSDP2 (the full state is gathered once; rank 0 writes)."""
-    full, _ = C.gather_full_state(model, None)
-    C.save_hf(model.lm, tok, path, d, full_state={k[3:]: v for k, v in full.items() if k.startswith("lm.")})
+    full, _ = M.gather_full_state(model, None)
+    M.save_hf(model.lm, tok, path, d, full_state={k[3:]: v for k, v in full.items() if k.startswith("lm.")})
     if d.is_main:
         torch.save({k[5:]: v for k, v in full.items() if k.startswith("head.")}, Path(path) / "head.pt")
     C.barrier(d)
 
 
 def load_scalar_model(path: str | Path) -> tuple[ScalarHeadModel, object]:
-    lm, tok = C.load_model_and_tokenizer(str(path))
+    lm, tok = M.load_model_and_tokenizer(str(path))
     m = ScalarHeadModel(lm)
     head = Path(path) / "head.pt"
     if not head.exists():
@@ -897,9 +899,9 @@ def sample_groups(policy, items: list[dict], cfg: Config, tok, d: C.Dist, seeds:
               top_p=cfg.top_p, stop_strings=stop, tok=tok if stop else None)
     if not cfg.reproducible_rollouts:
         prompts = [it["prompt_ids"] for it in items for _ in range(cfg.group_size)]
-        gens = [C.generate(policy, prompts, **kw)]
+        gens = [S.generate(policy, prompts, **kw)]
     else:
-        gens = [C.generate(policy, [it["prompt_ids"]] * cfg.group_size,
+        gens = [S.generate(policy, [it["prompt_ids"]] * cfg.group_size,
                            generator=torch.Generator(device=d.device).manual_seed(s), **kw) for it, s in zip(items, seeds)]
     return (_pad_cat([g.tokens for g in gens], pad), _pad_cat([g.logp for g in gens], 0.0),
             torch.cat([g.lengths for g in gens]), torch.cat([g.finished for g in gens]))
@@ -909,7 +911,7 @@ def sample_and_reward(policy, pending: list, reward_fn, cfg: Config, tok, d: C.D
     """Sample G responses for each (prompt item, seed) in `pending` with the parameters gathered
     once (PITFALLS #12), decode them for the reward only, and reward them. Returns one group each."""
     G, t0 = cfg.group_size, time.time()
-    with C.gathered_for_generation(policy), torch.no_grad(), C.fwd_context(policy, d, dtype):
+    with S.gathered_for_generation(policy), torch.no_grad(), C.fwd_context(policy, d, dtype):
         if pending:
             policy.eval()
             toks, glogp, lens, fin = sample_groups(policy, [p for p, _ in pending], cfg, tok, d, [s for _, s in pending])
@@ -1221,8 +1223,8 @@ def make_critic(policy, cfg: Config, d: C.Dist, dtype, resume_ckpt: Path | None)
         critic.load_state_dict(torch.load(resume_ckpt / "critic.pt", map_location="cpu"))
     critic = C.shard_model(critic, d, dtype, cfg.activation_checkpointing)
     if resume_ckpt is None:  # the policy's backbone (its "lm.*" keys are the critic's too)
-        full, _ = C.gather_full_state(policy, None)  # collective; under FSDP2 rank 0 holds it ...
-        C.load_full_state(critic, {k: v for k, v in full.items() if k.startswith("lm.")}, d)  # ... and broadcasts
+        full, _ = M.gather_full_state(policy, None)  # collective; under FSDP2 rank 0 holds it ...
+        M.load_full_state(critic, {k: v for k, v in full.items() if k.startswith("lm.")}, d)  # ... and broadcasts
     return critic, C.make_optimizer(critic, cfg.critic_lr, cfg.weight_decay)
 
 
@@ -1242,11 +1244,11 @@ def rl_train(cfg: Config, kind: str, policy, ref, prompts: list[dict], reward_fn
     rm_norm = {"mean": 0.0, "var": 1.0, "count": 0.0}
     history, ro, first_step = [], None, 0
     if resume_ckpt is not None:  # optimizer + RNG (+ critic) of the interrupted run
-        state = C.load_checkpoint(resume_ckpt, policy, opt, d)
+        state = M.load_checkpoint(resume_ckpt, policy, opt, d)
         first_step = int(state["step"])
         rm_norm["mean"], rm_norm["var"], rm_norm["count"] = state["rm_moments"]
         if critic is not None:
-            C.load_optimizer_state(critic, critic_opt, torch.load(resume_ckpt / "critic_optimizer.pt",
+            M.load_optimizer_state(critic, critic_opt, torch.load(resume_ckpt / "critic_optimizer.pt",
                                                                   map_location="cpu", weights_only=False))
         C.print0(f"sub-stage {stage_idx}: resumed at step {first_step} from {resume_ckpt}")
     for step in range(first_step, cfg.max_steps):
@@ -1265,9 +1267,9 @@ def rl_train(cfg: Config, kind: str, policy, ref, prompts: list[dict], reward_fn
         if cfg.save_every and ckpt_dir is not None and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.max_steps:
             extra = {}
             if critic is not None:  # collective under FSDP2: every rank gathers
-                cmsd, cosd = C.gather_full_state(critic, critic_opt)
+                cmsd, cosd = M.gather_full_state(critic, critic_opt)
                 extra = {"critic.pt": cmsd, "critic_optimizer.pt": cosd}
-            C.save_checkpoint(ckpt_dir, step + 1, policy, tok, opt, d, cfg,
+            M.save_checkpoint(ckpt_dir, step + 1, policy, tok, opt, d, cfg,
                               {"stage": stage_idx, "rm_moments": [rm_norm["mean"], rm_norm["var"], rm_norm["count"]]},
                               extra=extra)
     return {"steps": cfg.max_steps, "last_rollout": ro, "history": history}
@@ -1287,8 +1289,8 @@ def evaluate(policy, tok, cfg: Config, d: C.Dist, dtype, kinds: list[str], rm_sc
         if items:
             was_training = policy.training
             policy.eval()
-            with C.gathered_for_generation(policy), torch.no_grad(), C.fwd_context(policy, d, dtype):
-                gen = C.generate(policy, [it["prompt_ids"] for it in items], cfg.eval_max_new_tokens,
+            with S.gathered_for_generation(policy), torch.no_grad(), C.fwd_context(policy, d, dtype):
+                gen = S.generate(policy, [it["prompt_ids"] for it in items], cfg.eval_max_new_tokens,
                                  eos_ids=tok.eos_token_id, pad_id=tok.pad_token_id, temperature=0.0)
             policy.train(was_training)
             ids = [gen.response_ids(i) for i in range(len(items))]
@@ -1300,7 +1302,7 @@ def evaluate(policy, tok, cfg: Config, d: C.Dist, dtype, kinds: list[str], rm_sc
                 rewards, _, _ = fn(items, texts, ids)
                 total = float(sum(rewards))
         else:  # this rank has no items but must still take part in the gather / reshard collectives
-            with C.gathered_for_generation(policy):
+            with S.gathered_for_generation(policy):
                 pass
         s = C.all_reduce_sum(torch.tensor([total, count], dtype=torch.float64), d).tolist()
         name = {"stem": "math_acc", "code": "code_pass", "pref": "rm_score", "toy": "toy_reward"}[kind]
@@ -1341,7 +1343,7 @@ def rm_accuracy(rm, pairs, pad_id, device, d: C.Dist, batch: int = 8) -> float:
     mine = pairs[d.rank::d.world_size]
     correct = 0.0
     rm.eval()
-    with C.gathered_for_generation(rm), torch.no_grad():
+    with S.gathered_for_generation(rm), torch.no_grad():
         for i in range(0, len(mine), batch):
             rc, rr = rm_pair_scores(rm, mine[i:i + batch], pad_id, device)
             correct += float((rc > rr).sum())
@@ -1359,7 +1361,7 @@ def train_reward_model(cfg: Config, d: C.Dist) -> dict:
     dtype = C.resolve_dtype(cfg.precision, d.device)
     if cfg.rm_batch_pairs % d.world_size:
         raise ValueError(f"--rm_batch_pairs {cfg.rm_batch_pairs} not divisible by world size {d.world_size}")
-    lm, tok = C.load_model_and_tokenizer(cfg.rm_model or cfg.model, cfg.seed)
+    lm, tok = M.load_model_and_tokenizer(cfg.rm_model or cfg.model, cfg.seed)
     torch.manual_seed(cfg.seed)  # the head's init: the same on every rank and in every layout
     rm = C.shard_model(ScalarHeadModel(lm), d, dtype, cfg.activation_checkpointing)
     train, n_drop = pref_pairs(cfg.pref_train, tok, cfg.max_len)
@@ -1409,7 +1411,7 @@ def resume_point(cfg: Config, stages: list[dict], out_dir: Path, ckpt_dirs: list
             if (p / "config.json").exists():
                 start_model, first = str(p), i
         if first < len(stages):
-            mid = C.latest_checkpoint(ckpt_dirs[first])
+            mid = M.latest_checkpoint(ckpt_dirs[first])
             if mid is not None:
                 start_model = str(mid / "model")
     return start_model, first, mid
@@ -1468,19 +1470,19 @@ def main(argv=None):
     start_model, first, mid = resume_point(cfg, stages, out_dir, ckpt_dirs)
     if first or mid:
         C.print0(f"resume: sub-stages 1..{first} done, starting from {start_model}")
-    lm, tok = C.load_model_and_tokenizer(start_model, cfg.seed)
+    lm, tok = M.load_model_and_tokenizer(start_model, cfg.seed)
     stage_cfgs = [dataclasses.replace(cfg, **s["overrides"]) for s in stages]
     for sc in stage_cfgs:
         validate(sc, d)
     ref = None
     if any(sc.kl_coef > 0 for sc in stage_cfgs):  # frozen copy of the initial policy (sharded too)
-        ref_lm = C.load_model_and_tokenizer(cfg.model, cfg.seed)[0] if (first or mid) else copy.deepcopy(lm)
-        ref = C.LogProbModel(ref_lm).eval()
+        ref_lm = M.load_model_and_tokenizer(cfg.model, cfg.seed)[0] if (first or mid) else copy.deepcopy(lm)
+        ref = M.LogProbModel(ref_lm).eval()
         ref.requires_grad_(False)
         ref = C.shard_model(ref, d, dtype)
     policy = ActorCritic(lm)
     if mid is not None:
-        C.load_extra_state(mid, policy)  # the PPO value head
+        M.load_extra_state(mid, policy)  # the PPO value head
     policy = C.shard_model(policy, d, dtype, cfg.activation_checkpointing)
 
     kinds_run = {s["kind"] for s in stages}
@@ -1523,14 +1525,14 @@ def main(argv=None):
         rl_train(sc, s["kind"], policy, ref, prompts, reward_fn, tok, d, dtype, log, i, step0,
                  ckpt_dir=ckpt_dirs[i - 1], resume_ckpt=mid if i == first + 1 else None)
         step0 += s["steps"]
-        C.save_hf(policy, tok, out_dir / f"{i}_{s['kind']}", d)
+        M.save_hf(policy, tok, out_dir / f"{i}_{s['kind']}", d)
         if d.is_main:  # the sub-stage's HF dir now marks it finished: its step checkpoints can go
             shutil.rmtree(ckpt_dirs[i - 1], ignore_errors=True)
         ev = evaluate(policy, tok, cfg, d, dtype, kinds, rm_scorer)
         summary.append({"after": f"{i}_{s['kind']}", **ev, "minutes": round((time.time() - ts) / 60, 2)})
         C.print0(f"eval after sub-stage {i} ({s['kind']}): {ev}")
         write_summary()
-    C.save_hf(policy, tok, out_dir / "final", d)
+    M.save_hf(policy, tok, out_dir / "final", d)
     log.close()
     C.print0(f"\nsummary ({(time.time() - t0) / 60:.1f} min)\n{summary_table(summary)}")
     C.cleanup_distributed(d)

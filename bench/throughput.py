@@ -3,7 +3,7 @@ Benchmark: training throughput and MFU of the shared training path on this machi
 
 1. Measures the machine's dense matmul peak (square matmuls, sized up until one takes a while) in
    fp32 and bf16 on the chosen device.
-2. Runs a few optimizer steps of C.LogProbModel + C.masked_ce_loss + AdamW (C.make_optimizer /
+2. Runs a few optimizer steps of M.LogProbModel + C.masked_ce_loss + AdamW (C.make_optimizer /
    C.optimizer_step) on random tokens, every position trained, precision from C.resolve_dtype
    (autocast: bf16 only where the hardware has it), and prints tokens/s, peak memory and
    MFU = 6 * n_params * tokens/s / measured matmul peak of the compute dtype.
@@ -25,11 +25,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common as C  # noqa: E402
+import models as M  # noqa: E402
 
 
 @dataclass
 class Config:
-    model: str = C.arg(C.EMBEDDED, "tiny | smollm2-135m-instruct | a local HF dir")
+    model: str = C.arg(M.EMBEDDED, "tiny | smollm2-135m-instruct | a local HF dir")
     batch: int = C.arg(2, "sequences per step")
     seq: int = C.arg(256, "tokens per sequence")
     steps: int = C.arg(3, "timed optimizer steps (after one warm-up step)")
@@ -124,8 +125,8 @@ def main(argv=None):
         peaks[dt] = flops
         print(f"matmul peak {name}: {flops / 1e9:10.1f} GFLOP/s  (n = {n})", flush=True)
 
-    model, tok = C.load_model_and_tokenizer(cfg.model, cfg.seed)
-    policy = C.shard_model(C.LogProbModel(model), d, dtype, cfg.activation_checkpointing)
+    model, tok = M.load_model_and_tokenizer(cfg.model, cfg.seed)
+    policy = C.shard_model(M.LogProbModel(model), d, dtype, cfg.activation_checkpointing)
     opt = C.make_optimizer(policy, 1e-5, 0.0)
     n_params = sum(p.numel() for p in policy.parameters())
     g = torch.Generator().manual_seed(cfg.seed)

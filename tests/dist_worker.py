@@ -2,7 +2,7 @@
 
 Trains `--steps` optimizer steps on fixed data (global rows per step split by C.rank_micro_batches,
 loss normalised by the global trained-token count), saves a checkpoint and a final HF dir, generates
-under C.gathered_for_generation, reloads the saved HF dir and checks its weights equal the trained
+under S.gathered_for_generation, reloads the saved HF dir and checks its weights equal the trained
 ones, then resumes from the checkpoint in a fresh sharded model and checks one more step matches.
 
     python tests/dist_worker.py --out /tmp/w1                        # 1 process, accumulation 2
@@ -20,6 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common as C  # noqa: E402
+import models as M  # noqa: E402
+import sampler as S  # noqa: E402
 
 ROWS_PER_STEP, MICRO_BATCH, MAX_LEN, LR, MAX_GRAD_NORM = 4, 2, 160, 3e-3, 0.5
 
@@ -84,7 +86,7 @@ def main(argv=None):
     d = C.init_distributed("cpu")
     C.set_seed(0)
 
-    model, tok = C.load_model_and_tokenizer("tiny", seed=0)
+    model, tok = M.load_model_and_tokenizer("tiny", seed=0)
     rows = C.read_jsonl(Path(__file__).resolve().parents[1] / "data" / "math_train.jsonl", required=("question", "solution"))
     chats = [[{"role": "system", "content": "Solve it."}, {"role": "user", "content": r["question"]},
               {"role": "assistant", "content": r["solution"]}] for r in rows[:64]]
@@ -93,7 +95,7 @@ def main(argv=None):
     assert len(samples) == ROWS_PER_STEP * (args.steps + 1)
     data = C.pack_rows(samples, MAX_LEN, packing=False)
 
-    policy = C.shard_model(C.LogProbModel(model), d, torch.float32)
+    policy = C.shard_model(M.LogProbModel(model), d, torch.float32)
     assert C.is_sharded(policy) == d.enabled
     opt = C.make_optimizer(policy, LR, 0.1)
     losses, gnorms = [], []
@@ -103,8 +105,8 @@ def main(argv=None):
         gnorms.append(gnorm)
         C.print0(f"step {step} loss {loss:.6f} gnorm {gnorm:.6f}")
 
-    ck = C.save_checkpoint(out, args.steps, policy, tok, opt, d, WorkerConfig(steps=args.steps), {"sample_pos": 12})
-    C.save_hf(policy, tok, out / "final", d)
+    ck = M.save_checkpoint(out, args.steps, policy, tok, opt, d, WorkerConfig(steps=args.steps), {"sample_pos": 12})
+    M.save_hf(policy, tok, out / "final", d)
     trained = full_weights(policy)
 
     prompts = [C.chat_prompt_ids(tok, chats[i][:-1]) for i in range(3)]
@@ -113,9 +115,9 @@ def main(argv=None):
         b = C.collate(data[:1], tok.pad_token_id)
         policy(b["input_ids"], b["labels"], position_ids=b["position_ids"])
     gathers_per_forward = gathers["n"]
-    with C.gathered_for_generation(policy):
+    with S.gathered_for_generation(policy):
         gathers["n"] = 0
-        gen = C.generate(policy, prompts, 8, eos_ids=tok.eos_token_id, pad_id=tok.pad_token_id, temperature=0.0)
+        gen = S.generate(policy, prompts, 8, eos_ids=tok.eos_token_id, pad_id=tok.pad_token_id, temperature=0.0)
         gathers_in_generate = gathers["n"]  # must be 0: parameters stay gathered for the whole rollout
     if d.enabled:  # the parameters are sharded again afterwards
         from torch.distributed.tensor import DTensor
@@ -130,10 +132,10 @@ def main(argv=None):
 
     # resume: fresh model from the checkpoint, sharded, optimizer restored; one more step from
     # both must give identical weights
-    model2, _ = C.load_model_and_tokenizer(str(ck / "model"))
-    policy2 = C.shard_model(C.LogProbModel(model2), d, torch.float32)
+    model2, _ = M.load_model_and_tokenizer(str(ck / "model"))
+    policy2 = C.shard_model(M.LogProbModel(model2), d, torch.float32)
     opt2 = C.make_optimizer(policy2, LR, 0.1)
-    state = C.load_checkpoint(C.latest_checkpoint(out), policy2, opt2, d)
+    state = M.load_checkpoint(M.latest_checkpoint(out), policy2, opt2, d)
     assert state == {"step": args.steps, "sample_pos": 12}, state
     extra = data[args.steps * ROWS_PER_STEP:(args.steps + 1) * ROWS_PER_STEP]
     train_step(policy, opt, extra, d, tok.pad_token_id)

@@ -16,6 +16,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common as C  # noqa: E402
+import models as M  # noqa: E402
+import sampler as S  # noqa: E402
 from stage_scripts import load_script  # noqa: E402
 
 S2 = load_script("02_overall_sft.py", "s2_for_common")  # the tool-call text fallback lives in stage 2
@@ -25,12 +27,12 @@ IGNORE = C.IGNORE
 
 @pytest.fixture(scope="module")
 def tok():
-    return C.tiny_tokenizer()
+    return M.tiny_tokenizer()
 
 
 @pytest.fixture
 def lm(tok):
-    return C.tiny_model(tok, seed=0)
+    return M.tiny_model(tok, seed=0)
 
 
 def chat_ids(tok, messages, **kw):
@@ -67,7 +69,7 @@ def test_selective_logprobs_exact_and_gradients(temperature, chunk_size):
     n_sel = int((labels != IGNORE).sum())
     assert chunk_size == 1024 or n_sel > 3 * chunk_size  # several chunks, the last one partial
 
-    logp, entropy = C.selective_logprobs(hidden, weight, labels, temperature, chunk_size)
+    logp, entropy = M.selective_logprobs(hidden, weight, labels, temperature, chunk_size)
     ref_logp, ref_ent = naive_logprobs(hidden, weight, labels, temperature)
     assert logp.dtype == torch.float32 and logp.shape == (B, T)
     torch.testing.assert_close(logp.double(), ref_logp, atol=1e-5, rtol=0)
@@ -85,11 +87,11 @@ def test_selective_logprobs_exact_and_gradients(temperature, chunk_size):
 def test_selective_logprobs_all_ignored_and_no_grad():
     hidden, weight = torch.randn(2, 4, 8), torch.randn(11, 8)
     labels = torch.full((2, 4), IGNORE)
-    logp, ent = C.selective_logprobs(hidden, weight, labels)
+    logp, ent = M.selective_logprobs(hidden, weight, labels)
     assert logp.shape == (2, 4) and (logp == 0).all() and (ent == 0).all()
     labels[1, 2] = 5
     with torch.no_grad():
-        logp, _ = C.selective_logprobs(hidden, weight, labels)
+        logp, _ = M.selective_logprobs(hidden, weight, labels)
     ref = torch.log_softmax(hidden[1, 2].double() @ weight.double().t(), -1)[5]
     assert abs(float(logp[1, 2]) - float(ref)) < 1e-5
 
@@ -113,7 +115,7 @@ def test_logprob_model_matches_naive(lm, temperature, chunk_size):
     labels = ids.clone()
     labels[:, :4] = IGNORE  # a prompt
     labels[1, 9] = IGNORE
-    policy = C.LogProbModel(lm, chunk_size=chunk_size)
+    policy = M.LogProbModel(lm, chunk_size=chunk_size)
     out = policy(ids, labels, temperature=temperature, return_hidden=True)
     ref_logp, ref_ent = naive_model_logprobs(lm, ids, labels, temperature)
     assert out["logp"].shape == (2, 12) and out["hidden"].shape == (2, 12, lm.config.hidden_size)
@@ -248,7 +250,7 @@ def test_tokenize_chat_segments_tiny(tok):
 
 @pytest.fixture(scope="module")
 def smol_tok():
-    return C.load_tokenizer(C.EMBEDDED)
+    return M.load_tokenizer(M.EMBEDDED)
 
 
 @pytest.mark.slow
@@ -275,15 +277,15 @@ def test_show_masked(tok):
 
 
 def test_tokenizer_without_chat_template_fails_clearly(tmp_path):
-    tok = C.tiny_tokenizer()
+    tok = M.tiny_tokenizer()
     tok.chat_template = None
     with pytest.raises(ValueError, match="chat template"):
         C.tokenize_chat(tok, SINGLE)
     # the same when loading a saved model whose tokenizer has no template
-    C.tiny_model(tok).save_pretrained(tmp_path)
+    M.tiny_model(tok).save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="chat template"):
-        C.load_model_and_tokenizer(str(tmp_path))
+        M.load_model_and_tokenizer(str(tmp_path))
 
 
 def test_tokenize_chat_rejects_unknown_role(tok):
@@ -412,7 +414,7 @@ def summed_logp(policy, rows, pad_id):
 def test_packing_gives_the_same_loss(tok, lm):
     samples, _ = C.fit_length(chat_samples(tok), 256, "truncate")
     samples += [sample(9, 0, 40), sample(5, 0, 120)]  # fully trained, first token included
-    policy = C.LogProbModel(lm).eval()
+    policy = M.LogProbModel(lm).eval()
     packed = C.pack_rows(samples, 512, packing=True)
     unpacked = C.pack_rows(samples, 512, packing=False)
     assert len(packed) < len(unpacked)
@@ -427,7 +429,7 @@ def test_packing_gives_the_same_loss(tok, lm):
 
 
 def test_packed_samples_do_not_attend_each_other(lm):
-    policy = C.LogProbModel(lm).eval()
+    policy = M.LogProbModel(lm).eval()
     a, b = sample(6, 0, 10), sample(5, 0, 100)
     a2 = {"input_ids": [250 - i for i in range(6)], "labels": [250 - i for i in range(6)]}
     with torch.no_grad():
@@ -570,7 +572,7 @@ PROMPTS = [[5, 60, 70, 80, 90, 100, 110], [40, 41], [7, 8, 9, 200]]
 def test_generate_greedy_matches_naive_loop_with_left_padding(tok, lm):
     lm.eval()
     never = 258  # an "EOS" that greedy decoding does not produce here (checked below)
-    gen = C.generate(lm, PROMPTS, 10, eos_ids=never, pad_id=tok.pad_token_id, temperature=0.0)
+    gen = S.generate(lm, PROMPTS, 10, eos_ids=never, pad_id=tok.pad_token_id, temperature=0.0)
     assert gen.tokens.shape == (3, 10) and gen.logp.shape == (3, 10)
     assert gen.lengths.tolist() == [10, 10, 10] and not gen.finished.any()
     for i, p in enumerate(PROMPTS):
@@ -590,7 +592,7 @@ def test_generate_stops_at_eos(tok, lm):
     free = [naive_greedy(lm, p, 12) for p in PROMPTS]
     eos = free[0][3]  # make the 4th greedy token of prompt 0 the EOS
     k0 = free[0].index(eos)
-    gen = C.generate(lm, PROMPTS, 12, eos_ids=[eos, 257], pad_id=tok.pad_token_id, temperature=0.0)
+    gen = S.generate(lm, PROMPTS, 12, eos_ids=[eos, 257], pad_id=tok.pad_token_id, temperature=0.0)
     for i, ref in enumerate(free):
         n = ref.index(eos) + 1 if eos in ref else 12
         assert gen.lengths[i] == n and bool(gen.finished[i]) == (eos in ref)
@@ -599,7 +601,7 @@ def test_generate_stops_at_eos(tok, lm):
     assert gen.lengths[0] == k0 + 1 and gen.finished[0] and gen.response_ids(0)[-1] == eos
     assert gen.tokens.shape[1] == int(gen.lengths.max())
     # every sequence finishing early ends the loop early
-    gen = C.generate(lm, PROMPTS[:1], 12, eos_ids=eos, pad_id=tok.pad_token_id, temperature=0.0)
+    gen = S.generate(lm, PROMPTS[:1], 12, eos_ids=eos, pad_id=tok.pad_token_id, temperature=0.0)
     assert gen.tokens.shape == (1, k0 + 1) and gen.finished.all()
 
 
@@ -608,7 +610,7 @@ def test_generate_stop_strings(tok, lm):
     free = naive_greedy(lm, PROMPTS[0], 12)
     stop = tok.decode(free[4:6])
     k = next(j for j in range(12) if stop in tok.decode(free[:j + 1]))
-    gen = C.generate(lm, PROMPTS[:2], 12, eos_ids=257, pad_id=tok.pad_token_id, temperature=0.0,
+    gen = S.generate(lm, PROMPTS[:2], 12, eos_ids=257, pad_id=tok.pad_token_id, temperature=0.0,
                      stop_strings=[stop], tok=tok)
     assert gen.finished[0] and gen.response_ids(0) == free[:k + 1]
 
@@ -618,8 +620,8 @@ def test_generate_logp_equals_rescored_logp(tok, lm):
     lm.eval()
     T = 0.7
     g = torch.Generator().manual_seed(0)
-    gen = C.generate(lm, PROMPTS, 9, eos_ids=257, pad_id=tok.pad_token_id, temperature=T, generator=g)
-    policy = C.LogProbModel(lm, chunk_size=5)
+    gen = S.generate(lm, PROMPTS, 9, eos_ids=257, pad_id=tok.pad_token_id, temperature=T, generator=g)
+    policy = M.LogProbModel(lm, chunk_size=5)
     rows = []
     for i, p in enumerate(PROMPTS):
         resp = gen.response_ids(i)
@@ -633,7 +635,7 @@ def test_generate_logp_equals_rescored_logp(tok, lm):
         ratio = torch.exp(new - gen.logp[i, :n])
         torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-5, rtol=0)
     # the same seed gives the same samples
-    again = C.generate(lm, PROMPTS, 9, eos_ids=257, pad_id=tok.pad_token_id, temperature=T,
+    again = S.generate(lm, PROMPTS, 9, eos_ids=257, pad_id=tok.pad_token_id, temperature=T,
                        generator=torch.Generator().manual_seed(0))
     assert torch.equal(again.tokens, gen.tokens)
 
@@ -655,13 +657,13 @@ def test_top_p_filter():
     logits = probs.log()
     for top_p, keep in [(0.4, {1}), (0.7, {1, 3}), (0.85, {1, 3, 0}), (0.9, {1, 3, 0}), (0.97, {0, 1, 2, 3}),
                         (1.0, {0, 1, 2, 3})]:
-        out = C.top_p_filter(logits[None], top_p)[0]
+        out = S.top_p_filter(logits[None], top_p)[0]
         assert {i for i in range(4) if out[i] > -math.inf} == keep, top_p
         assert torch.equal(out[list(keep)], logits[list(keep)])  # kept logits unchanged
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(5, 40, generator=g) * 2
     for top_p in (0.3, 0.6, 0.95):
-        out = C.top_p_filter(logits, top_p)
+        out = S.top_p_filter(logits, top_p)
         for b in range(5):
             want = naive_top_p_keep(logits[b].double().softmax(-1).tolist(), top_p)
             assert {i for i in range(40) if out[b, i] > -math.inf} == want
@@ -692,13 +694,13 @@ def test_checkpoint_roundtrip(tmp_path, tok):
     d = C.Dist()
     samples, _ = C.fit_length(chat_samples(tok, 4), 128, "truncate")
     batch = C.collate(C.pack_rows(samples, 128, packing=False), tok.pad_token_id)
-    policy = C.LogProbModel(C.tiny_model(tok, seed=0))
+    policy = M.LogProbModel(M.tiny_model(tok, seed=0))
     opt = C.make_optimizer(policy, 1e-2, 0.1)
     for _ in range(2):
         train_step(policy, opt, batch)
 
     C.set_seed(5)
-    ck = C.save_checkpoint(tmp_path, 2, policy, tok, opt, d, CkptConfig(), {"sample_pos": 8})
+    ck = M.save_checkpoint(tmp_path, 2, policy, tok, opt, d, CkptConfig(), {"sample_pos": 8})
     after_save = (torch.rand(3), random.random(), np.random.rand())
     assert ck == tmp_path / "ckpt-000002" and (ck / "model" / "config.json").exists()
     assert json.loads((ck / "config.json").read_text()) == {"lr": 0.01, "model": "tiny"}
@@ -709,22 +711,22 @@ def test_checkpoint_roundtrip(tmp_path, tok):
     hf = AutoModelForCausalLM.from_pretrained(ck / "model")
     with torch.no_grad():
         assert torch.equal(hf(batch["input_ids"]).logits, policy.lm(batch["input_ids"]).logits)
-    assert C.load_tokenizer(str(ck / "model")).chat_template == tok.chat_template
+    assert M.load_tokenizer(str(ck / "model")).chat_template == tok.chat_template
 
     # a kill mid-write leaves a .tmp dir (and maybe an incomplete dir): both ignored
     (tmp_path / "ckpt-000009.tmp" / "model").mkdir(parents=True)
     (tmp_path / "ckpt-000007").mkdir()
-    assert C.latest_checkpoint(tmp_path) == ck
-    assert C.latest_checkpoint(tmp_path / "nothing_here") is None
+    assert M.latest_checkpoint(tmp_path) == ck
+    assert M.latest_checkpoint(tmp_path / "nothing_here") is None
 
     # resume: model from ck/model, fresh optimizer, restore optimizer + RNG + train state
     torch.manual_seed(123)
     random.seed(123)
     np.random.seed(123)
-    model2, _ = C.load_model_and_tokenizer(str(ck / "model"))
-    policy2 = C.LogProbModel(model2)
+    model2, _ = M.load_model_and_tokenizer(str(ck / "model"))
+    policy2 = M.LogProbModel(model2)
     opt2 = C.make_optimizer(policy2, 1e-2, 0.1)
-    state = C.load_checkpoint(C.latest_checkpoint(tmp_path), policy2, opt2, d)
+    state = M.load_checkpoint(M.latest_checkpoint(tmp_path), policy2, opt2, d)
     assert state == {"step": 2, "sample_pos": 8}
     assert (torch.rand(3), random.random(), np.random.rand())[1:] == after_save[1:]
     s1, s2 = opt.state_dict(), opt2.state_dict()
@@ -741,23 +743,23 @@ def test_checkpoint_roundtrip(tmp_path, tok):
 
 def test_checkpoint_rng_and_keep_last(tmp_path, tok):
     d = C.Dist()
-    policy = C.LogProbModel(C.tiny_model(tok))
+    policy = M.LogProbModel(M.tiny_model(tok))
     opt = C.make_optimizer(policy, 1e-2, 0.0)
     torch.manual_seed(7)
     for step in (1, 2, 3):
-        C.save_checkpoint(tmp_path, step, policy, tok, opt, d, CkptConfig(), {})
+        M.save_checkpoint(tmp_path, step, policy, tok, opt, d, CkptConfig(), {})
     expected = torch.rand(4)
     assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == ["ckpt-000002", "ckpt-000003"]
     torch.rand(10)
-    C.load_checkpoint(C.latest_checkpoint(tmp_path), policy, opt, d)
+    M.load_checkpoint(M.latest_checkpoint(tmp_path), policy, opt, d)
     assert torch.equal(torch.rand(4), expected)
 
 
 def test_save_hf_final(tmp_path, tok):
-    policy = C.LogProbModel(C.tiny_model(tok, seed=3))
-    C.save_hf(policy, tok, tmp_path / "final", C.Dist())
+    policy = M.LogProbModel(M.tiny_model(tok, seed=3))
+    M.save_hf(policy, tok, tmp_path / "final", C.Dist())
     assert not (tmp_path / "final.tmp").exists()
-    model, tok2 = C.load_model_and_tokenizer(str(tmp_path / "final"))
+    model, tok2 = M.load_model_and_tokenizer(str(tmp_path / "final"))
     for (n, a), (m, b) in zip(policy.lm.state_dict().items(), model.state_dict().items()):
         assert n == m and torch.equal(a, b)
     assert tok2.pad_token_id == tok2.eos_token_id == tok.eos_token_id

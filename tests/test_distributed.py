@@ -1,7 +1,7 @@
 """FSDP2 under torchrun (2 CPU processes, gloo) vs one process with gradient accumulation.
 
 tests/dist_worker.py trains the tiny model 3 steps, saves a checkpoint and a final HF dir, generates
-under C.gathered_for_generation, reloads the saved dir (weights must equal the trained ones) and
+under sampler.gathered_for_generation, reloads the saved dir (weights must equal the trained ones) and
 resumes from the checkpoint. Here: 2 processes x accumulation 1 must give the same weights as
 1 process x accumulation 2 on the same global batch (PITFALLS #1).
 """

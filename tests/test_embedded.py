@@ -18,6 +18,8 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common as C  # noqa: E402
+import models as M  # noqa: E402
+import sampler as S  # noqa: E402
 
 pytestmark = pytest.mark.slow
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -29,7 +31,7 @@ def embedded():
 
     with pytest.MonkeyPatch.context() as mp:  # in case huggingface_hub was imported before this module
         mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-        model, tok = C.load_model_and_tokenizer(C.EMBEDDED)
+        model, tok = M.load_model_and_tokenizer(M.EMBEDDED)
     return model.eval(), tok
 
 
@@ -47,7 +49,7 @@ def test_embedded_loads_offline_as_plain_fp32(embedded):
 def test_embedded_answers_capital_of_france(embedded):
     model, tok = embedded
     prompt = C.chat_prompt_ids(tok, QUESTION)
-    gen = C.generate(model, [prompt], 32, eos_ids=tok.eos_token_id, pad_id=tok.pad_token_id, temperature=0.0)
+    gen = S.generate(model, [prompt], 32, eos_ids=tok.eos_token_id, pad_id=tok.pad_token_id, temperature=0.0)
     answer = tok.decode(gen.response_ids(0), skip_special_tokens=True)
     print("answer:", answer)
     assert "Paris" in answer
@@ -58,7 +60,7 @@ def test_saved_model_is_plain_hf_and_reloads_without_gguf(embedded, tmp_path):
 
     model, tok = embedded
     model.save_pretrained(tmp_path / "plain")  # refused by a model still marked as GGUF-quantised
-    C.save_hf(C.LogProbModel(model), tok, tmp_path / "final", C.Dist())
+    M.save_hf(M.LogProbModel(model), tok, tmp_path / "final", C.Dist())
     for d in ("plain", "final"):
         assert (tmp_path / d / "model.safetensors").exists() and not list((tmp_path / d).glob("*.gguf"))
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
@@ -75,8 +77,8 @@ def test_saved_model_is_plain_hf_and_reloads_without_gguf(embedded, tmp_path):
 import sys, torch
 sys.modules["gguf"] = None  # any import of gguf now raises ImportError
 sys.path.insert(0, {str(ROOT)!r})
-import common as C
-model, tok = C.load_model_and_tokenizer({str(tmp_path / "final")!r})
+import models as M
+model, tok = M.load_model_and_tokenizer({str(tmp_path / "final")!r})
 exp = torch.load({str(tmp_path / "expected.pt")!r})
 with torch.no_grad():
     logits = model(exp["ids"]).logits[0, -1]

@@ -14,6 +14,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common as C  # noqa: E402
+import models as M  # noqa: E402
+import sampler as S  # noqa: E402
 from stage_scripts import killed_at_log, load_script  # noqa: E402
 
 rl = load_script("04_rl.py", "rl04")
@@ -32,10 +34,10 @@ def _metrics(out):
 
 def test_importance_ratio_is_one_on_fresh_rollout():
     torch.manual_seed(0)
-    lm, tok = C.load_model_and_tokenizer("tiny")
+    lm, tok = M.load_model_and_tokenizer("tiny")
     policy = rl.ActorCritic(lm).eval()
     prompts = _prompts(tok)
-    gen = C.generate(policy, prompts, 12, eos_ids=tok.eos_token_id, pad_id=tok.pad_token_id, temperature=0.7)
+    gen = S.generate(policy, prompts, 12, eos_ids=tok.eos_token_id, pad_id=tok.pad_token_id, temperature=0.7)
     with torch.no_grad():
         out = rl.response_forward(policy, prompts, gen.tokens, gen.lengths, tok.pad_token_id, 0.7, torch.device("cpu"))
         wrong_t = rl.response_forward(policy, prompts, gen.tokens, gen.lengths, tok.pad_token_id, 1.0,
@@ -50,14 +52,14 @@ def test_importance_ratio_is_one_on_fresh_rollout():
 
 def test_eos_kept_in_mask_pad_eq_eos_and_truncation_told_apart():
     torch.manual_seed(1)
-    lm, tok = C.load_model_and_tokenizer("tiny")
+    lm, tok = M.load_model_and_tokenizer("tiny")
     eos = tok.eos_token_id
     assert eos == tok.pad_token_id
     bias = torch.zeros(len(tok))
     bias[eos] = 4.0  # make EOS likely so that some responses finish and some are truncated
     lm.lm_head.register_forward_hook(lambda m, i, o: o + bias)
     prompts = _prompts(tok, 8) * 2
-    gen = C.generate(lm, prompts, 6, eos_ids=eos, pad_id=tok.pad_token_id, temperature=1.0)
+    gen = S.generate(lm, prompts, 6, eos_ids=eos, pad_id=tok.pad_token_id, temperature=1.0)
     assert gen.finished.any() and (~gen.finished).any()
     T = gen.tokens.shape[1]
     mask = rl.rollout_mask(gen.lengths, gen.finished, T, "none")
@@ -84,7 +86,7 @@ def _direct_cfg(**kw):
 
 
 def _run_direct(tmp_path, cfg, reward_fn, kind="toy", n_prompts=4):
-    lm, tok = C.load_model_and_tokenizer("tiny")
+    lm, tok = M.load_model_and_tokenizer("tiny")
     policy = rl.ActorCritic(lm)
     items = [{"prompt_ids": p, "row": {"k": i}} for i, p in enumerate(_prompts(tok, n_prompts))]
     d = C.Dist()
@@ -236,7 +238,7 @@ def test_reward_model_one_process_equals_two_processes(tmp_path):
                                             "--rm_lr", "3e-3"])
     ha, hb = (torch.load(tmp_path / w / "reward_model" / "head.pt") for w in ("w1", "w2"))
     a, b = (load_file(tmp_path / w / "reward_model" / "model.safetensors") for w in ("w1", "w2"))
-    init = C.load_model_and_tokenizer("tiny")[0].state_dict()
+    init = M.load_model_and_tokenizer("tiny")[0].state_dict()
     # Adam's update is scale-free, so the loss scale is checked on the gradient norms (a loss
     # divided by the local instead of the global pair count would double them); the weights agree
     # up to summation-order noise that Adam amplifies on near-zero gradients (moved ~1e-2)
@@ -290,7 +292,7 @@ def test_one_process_accum2_equals_two_processes(tmp_path):
     assert m1["grad_norm"] == pytest.approx(m2["grad_norm"], rel=1e-5)
     a = load_file(tmp_path / "w1" / "final" / "model.safetensors")
     b = load_file(tmp_path / "w2" / "final" / "model.safetensors")
-    init = C.load_model_and_tokenizer("tiny")[0].state_dict()
+    init = M.load_model_and_tokenizer("tiny")[0].state_dict()
     moved = max((a[k] - init[k]).abs().max().item() for k in a)
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
     assert moved > 1e-4  # the update did something ...
@@ -321,7 +323,7 @@ def test_killed_run_resumes_mid_stage_like_uninterrupted(tmp_path, monkeypatch, 
 
     a = load_file(tmp_path / "straight" / "final" / "model.safetensors")
     b = load_file(tmp_path / "killed" / "final" / "model.safetensors")
-    init = C.load_model_and_tokenizer("tiny")[0].state_dict()
+    init = M.load_model_and_tokenizer("tiny")[0].state_dict()
     assert max((a[k] - init[k]).abs().max().item() for k in a) > 1e-4
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
     ma, mb = _metrics(tmp_path / "straight"), _metrics(tmp_path / "killed")

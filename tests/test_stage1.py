@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common as C  # noqa: E402
+import models as M  # noqa: E402
 import verify as V  # noqa: E402
 from stage_scripts import load_script  # noqa: E402
 
@@ -36,7 +37,7 @@ S1 = load_script("01_cold_start_sft.py", "cold_start_sft")
 
 @pytest.fixture(scope="module")
 def tok():
-    return C.tiny_tokenizer()
+    return M.tiny_tokenizer()
 
 
 def read(name):
@@ -129,8 +130,8 @@ def test_mask_excludes_wrong_attempt(tok):
 
     # the gradient reaching the output layer from positions whose TARGET is a wrong-attempt token
     # is exactly zero; trained targets get -1/N
-    model = C.tiny_model(tok, seed=0)
-    policy = C.LogProbModel(model)
+    model = M.tiny_model(tok, seed=0)
+    policy = M.LogProbModel(model)
     b = C.collate([s], tok.pad_token_id)
     logp = policy(b["input_ids"], b["labels"])["logp"].detach().requires_grad_(True)
     n = C.count_trained(b["labels"])
@@ -193,8 +194,8 @@ def test_loss_hand_case_and_float64_reference(tok):
     traj, _, s = reflective_sample(tok)
     plain = C.tokenize_chat(tok, [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}])
     b = C.collate([s, plain], tok.pad_token_id)
-    model = C.tiny_model(tok, seed=1)
-    policy = C.LogProbModel(model)
+    model = M.tiny_model(tok, seed=1)
+    policy = M.LogProbModel(model)
     n = C.count_trained(b["labels"])
     loss = C.masked_ce_loss(policy(b["input_ids"], b["labels"], position_ids=b["position_ids"])["logp"], b["labels"], n)
     with torch.no_grad():
@@ -207,8 +208,8 @@ def test_packing_does_not_change_the_loss(tok):
     others = [C.tokenize_chat(tok, [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a" * (5 + i)}])
               for i in range(3)]
     samples = [s] + others
-    model = C.tiny_model(tok, seed=2)
-    policy = C.LogProbModel(model)
+    model = M.tiny_model(tok, seed=2)
+    policy = M.LogProbModel(model)
     n = sum(C.count_trained(torch.tensor([x["labels"]])) for x in samples)
     losses = []
     for packing in (True, False):
@@ -484,7 +485,7 @@ def test_one_process_accum2_equals_two_processes(tmp_path, trajectories):
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     w1, w2 = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
-    # the FSDP save also writes the tied output embedding (common.save_hf); it must equal the input one
+    # the FSDP save also writes the tied output embedding (models.save_hf); it must equal the input one
     extra = set(w2) - set(w1)
     assert extra <= {"lm_head.weight"} and set(w1) <= set(w2)
     if extra:

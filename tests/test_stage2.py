@@ -19,6 +19,8 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common as C  # noqa: E402
+import models as M  # noqa: E402
+import sampler as S  # noqa: E402
 from stage_scripts import load_script  # noqa: E402
 
 IGNORE = C.IGNORE
@@ -30,7 +32,7 @@ S2 = load_script("02_overall_sft.py", "overall_sft")
 
 @pytest.fixture(scope="module")
 def tok():
-    return C.tiny_tokenizer()
+    return M.tiny_tokenizer()
 
 
 def read(name, n=None):
@@ -151,7 +153,7 @@ def test_mask_real_data_decoded(tok, name):
 @pytest.mark.slow
 def test_mask_agent_trace_real_tokenizer():
     """Same check with SmolLM2's BPE tokenizer (token boundaries merge across turns there)."""
-    tok = C.load_tokenizer(C.EMBEDDED)
+    tok = M.load_tokenizer(M.EMBEDDED)
     for row in read("agent_train.jsonl", 10) + [{"messages": TRACE, "tools": TOOLS}]:
         enc = C.tokenize_chat(tok, S2.tool_fallback(row["messages"], tok, row["tools"]), row["tools"])
         spans = [tok.decode(s) for s in trained_spans(enc["input_ids"], enc["labels"])]
@@ -418,10 +420,10 @@ def test_agent_loop_scripted(mode, expect):
 
 
 def test_generate_same_from_hf_model_and_logprob_wrapper(tok):
-    lm = C.tiny_model(tok, seed=0)
+    lm = M.tiny_model(tok, seed=0)
     prompts = [tok("hello there " * k)["input_ids"] for k in (1, 3, 5)]
-    a = C.generate(C.LogProbModel(lm), prompts, 10, tok.eos_token_id, tok.pad_token_id, temperature=0.0)
-    b = C.generate(lm, prompts, 10, tok.eos_token_id, tok.pad_token_id, temperature=0.0)
+    a = S.generate(M.LogProbModel(lm), prompts, 10, tok.eos_token_id, tok.pad_token_id, temperature=0.0)
+    b = S.generate(lm, prompts, 10, tok.eos_token_id, tok.pad_token_id, temperature=0.0)
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.lengths, b.lengths)
     torch.testing.assert_close(a.logp, b.logp)
 

