@@ -152,6 +152,7 @@ class Config:
     verify_style: str = C.arg("problem_solving", "problem_solving | confirmative | mixed (per verification)")
     verifier_timeout_s: float = C.arg(20.0, "time limit of one grading call (hang -> counted, skipped)")
     code_timeout_s: float = C.arg(5.0, "time limit of one sandboxed code run")
+    code_workers: int = C.arg(0, "programs graded at once by the sandbox pool (0 = the number of cores, at most 8)")
     unsafe_code_exec: bool = C.arg(False, "run model-written code WITHOUT the bubblewrap sandbox (warned); only "
                                           "for machines where bwrap cannot run and that you can throw away")
     # train
@@ -272,6 +273,16 @@ def default_grader(task: dict, text: str, code_timeout_s: float = 5.0) -> tuple[
     r, info = sandbox.run_code_tests(sandbox.extract_code(text), task["tests"], task.get("entry_point"),
                                      timeout_s=code_timeout_s, all_or_nothing=True)
     return r == 1.0, {"reason": info["status"], "passed": info["passed"], "total": info["total"]}
+
+
+def code_grades(pairs: list[tuple[dict, str]], cfg) -> dict:
+    """{(prompt, text): (ok, info)} for the code (task, attempt) pairs, graded at once through the
+    sandbox pool (sandbox.run_code_tests_batch), the same verdict default_grader gives one by one."""
+    pairs = list({(t["prompt"], x): (t, x) for t, x in pairs if t["domain"] == "code"}.values())
+    jobs = [{"code": sandbox.extract_code(x), "tests": t["tests"], "entry_point": t.get("entry_point")} for t, x in pairs]
+    res = sandbox.run_code_tests_batch(jobs, cfg.code_workers, timeout_s=cfg.code_timeout_s, all_or_nothing=True)
+    return {(t["prompt"], x): (r == 1.0, {"reason": info["status"], "passed": info["passed"], "total": info["total"]})
+            for (t, x), (r, info) in zip(pairs, res)}
 
 
 def safe_grade(grader, task: dict, text: str, timeout_s: float) -> tuple[bool | None, dict]:
@@ -588,6 +599,9 @@ def build_trajectories(policy, tok, cfg: Config, d, dtype, grader=default_grader
     policy.train()
     C.print0(f"[build] sampled {len(texts)} responses on rank 0 in {time.time() - t0:.0f}s")
     out = []
+    # the sampled code attempts, graded at once by the sandbox pool (the default grader only)
+    cache = code_grades([(tasks[i], V.first_attempt(x)) for j, i in enumerate(mine)
+                         for x in texts[j * cfg.k_samples:(j + 1) * cfg.k_samples]], cfg) if grader is default_grader else {}
     # sampled questions: j indexes this rank's questions; unsampled ones (no responses) follow
     jobs = [(j, i, tasks[i]) for j, i in enumerate(mine)]
     jobs += [(None, len(tasks) + u, unsampled[u]) for u in range(d.rank, len(unsampled), d.world_size)]
@@ -595,6 +609,8 @@ def build_trajectories(policy, tok, cfg: Config, d, dtype, grader=default_grader
         trng = np.random.default_rng([cfg.seed, 29, i])
 
         def grade(text, tests=None, task=task):
+            if tests is None and (task["prompt"], text) in cache:
+                return cache[(task["prompt"], text)]
             t = task if tests is None else {**task, "tests": tests}
             ok, info = safe_grade(lambda a, b: grader(a, b, cfg.code_timeout_s), t, text, cfg.verifier_timeout_s)
             if ok is None:
@@ -767,7 +783,11 @@ def evaluate(policy, tok, cfg: Config, sets: dict, d, dtype, full: bool = True, 
     r, W = d.rank, d.world_size
     sums, examples, responses = Counter(), [], []
 
+    cache = {}
+
     def grade(task, text):
+        if (task["prompt"], text) in cache:
+            return cache[(task["prompt"], text)]
         ok, info = safe_grade(lambda a, b: grader(a, b, cfg.code_timeout_s), task, text, cfg.verifier_timeout_s)
         return ok, info
 
@@ -779,6 +799,9 @@ def evaluate(policy, tok, cfg: Config, sets: dict, d, dtype, full: bool = True, 
             tasks = sets["math"][r::W] + sets["code"][r::W]
             prompts = [C.chat_prompt_ids(tok, prompt_messages(t, cfg.system_prompt)) for t in tasks]
             texts = S.generate_texts(policy, tok, prompts, cfg.eval_max_new_tokens, cfg.eval_batch_size, d, dtype)
+            if grader is default_grader:  # every attempt of every code response, through the pool at once
+                cache.update(code_grades([(t, st["attempt"]) for t, x in zip(tasks, texts)
+                                          for st in V.split_trajectory(x)], cfg))
             for dom in ("math", "code"):
                 pairs = [(t, x) for t, x in zip(tasks, texts) if t["domain"] == dom]
                 for k, v in score_responses([t for t, _ in pairs], [x for _, x in pairs], grade).items():

@@ -114,6 +114,19 @@ def test_code_reward_fraction_all_or_nothing_and_hostile():
     assert r == 0.0 and info["status"] == "timeout"
 
 
+def test_code_reward_batch_through_the_pool_equals_one_by_one():
+    """Stage 4 scores a whole code batch at once (sandbox.run_code_tests_batch): same rewards as
+    code_reward one response at a time, in order."""
+    tests = ["assert f(1) == 2", "assert f(2) == 3", "assert f(0) == 1"]
+    texts = ["```python\ndef f(x):\n    return x + 1\n```", "```python\ndef f(x):\n    return 2 * x\n```",
+             "no code", "```python\ndef f(x):\n    return 1\n```"] * 2
+    items = [{"row": {"tests": tests, "entry_point": "f"}} for _ in texts]
+    fn = rl.make_reward_fn("code", rl.Config(code_workers=3))
+    rewards, statuses, infos = fn(items, texts, [None] * len(texts))
+    assert rewards == [rl.code_reward(t, tests, "f")[0] for t in texts] == [1.0, 1 / 3, 0.0, 1 / 3] * 2
+    assert statuses == ["ok"] * len(texts) and all(i["sandbox"] == "bwrap" for i in infos)
+
+
 def test_toy_format_overlong():
     assert rl.toy_reward("abc") == 1.0
     assert rl.toy_reward("aB1 ") == 0.25

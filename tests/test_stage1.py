@@ -496,3 +496,17 @@ def test_one_process_accum2_equals_two_processes(tmp_path, trajectories):
     m2 = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     l1, l2 = [r["loss"] for r in m1 if "loss" in r], [r["loss"] for r in m2 if "loss" in r]
     assert np.allclose(l1, l2, atol=1e-6)
+
+
+def test_code_grades_in_a_batch_equal_the_one_by_one_grader():
+    """Stage 1 grades its sampled code attempts through the sandbox pool (code_grades): the verdicts
+    and infos are those of default_grader called one at a time."""
+    tasks = [json.loads(l) for l in (ROOT / "data" / "code_test.jsonl").read_text().splitlines()[:3]]
+    tasks = [{**t, "domain": "code"} for t in tasks]
+    pairs = [(t, f"```python\n{t['solution']}```") for t in tasks] + [(t, "def nope():\n    pass\n") for t in tasks]
+    cfg = S1.Config(code_workers=2)
+    got = S1.code_grades(pairs, cfg)
+    assert len(got) == len(pairs)
+    for t, x in pairs:
+        assert got[(t["prompt"], x)] == S1.default_grader(t, x), t["entry_point"]
+    assert sum(ok for ok, _ in got.values()) == 3
