@@ -125,6 +125,8 @@ class Config:
     clip_ratio_c: float = C.arg(3.0, "dual-clip (Ye et al. 2020): per-token loss capped at c |A| for A < 0; "
                                 "<= 1 = off (3.0 as verl)")
     max_log_ratio: float = C.arg(20.0, "logp - old_logp clamped to +-this before exp (finite in fp32)")
+    tis_cap: float = C.arg(0.0, "truncated importance sampling of the trainer / sampler mismatch: each token's "
+                                 "policy loss x min(pi_old / pi_sampler, tis_cap) (Yao et al. 2025); 0 = off, ~2 typical")
     loss_agg: str = C.arg("token_mean", "token_mean | seq_mean_token_mean | seq_sum_norm (Dr. GRPO)")
     loss_norm_len: int = C.arg(64, "seq_sum_norm: Dr. GRPO's constant length normaliser (the paper: the "
                                    "generation budget)")
@@ -418,7 +420,7 @@ def aggregate(x: torch.Tensor, mask: torch.Tensor, agg: str, n_global: float, no
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
                 clip_low: float, clip_high: float, agg: str, n_global: float, norm_const: float = 1.0,
-                clip_ratio_c: float = 3.0, max_log_ratio: float = 20.0):
+                clip_ratio_c: float = 3.0, max_log_ratio: float = 20.0, is_weight: torch.Tensor | None = None):
     """PPO clipped surrogate (Schulman et al. 2017, arXiv:1707.06347, eq. 7), asymmetric clip
     range (DAPO clip-higher, Yu et al. 2025, arXiv:2503.14476), dual-clip for A < 0 (Ye et al.
     2020, arXiv:1912.09729):
@@ -426,6 +428,7 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, m
         rho_t = exp(clamp(logp_t - old_logp_t, -max_log_ratio, max_log_ratio))
         l_t   = max(-rho_t A_t, -clip(rho_t, 1 - clip_low, 1 + clip_high) A_t)
         l_t   = min(l_t, -clip_ratio_c A_t)                     where A_t < 0 (dual-clip; c > 1)
+        l_t   = w_t l_t                                        with is_weight w (`truncated_is_weight`)
         L     = aggregate(l, mask, agg, n_global, norm_const)   (see `aggregate`)
 
     Why the two guards: with A < 0 the clipped objective is unbounded in rho (one stale token with
@@ -452,12 +455,27 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, m
         cap = -adv * clip_ratio_c
         dual = (adv < 0) & (per_token > cap)
         per_token = torch.where(dual, cap, per_token)
+    if is_weight is not None:
+        per_token = per_token * is_weight.detach()
     loss = aggregate(per_token, mask, agg, n_global, norm_const)
     with torch.no_grad():
         stats = {"ratio_sum": (ratio * m).sum(), "clipped": ((pg2 > pg1).to(m.dtype) * m).sum(),
                  "dual_clipped": (dual.to(m.dtype) * m).sum(), "tokens": m.sum(),
                  "ppo_kl_k1": (-log_ratio * m).sum(), "ppo_kl_k3": ((torch.exp(-log_ratio) - 1 + log_ratio) * m).sum()}
     return loss, stats
+
+
+def truncated_is_weight(old_logp: torch.Tensor, gen_logp: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance sampling of the trainer / sampler mismatch (Yao et al. 2025, "Your
+    efficient RL framework secretly brings you off-policy RL training"; verl, OpenRLHF):
+
+        w_t = min(pi_old(y_t) / pi_sampler(y_t), C) = exp(min(old_logp_t - gen_logp_t, log C))
+
+    The rollout engine samples from pi_sampler (here: a bf16 weight copy, other kernels), not from
+    the trainer's pi_old; weighting each token's policy loss by w makes the gradient an estimate
+    under pi_old again, with the weight truncated at C to bound its variance. [B, T] -> [B, T],
+    detached (a weight, not a path for gradients)."""
+    return torch.exp(torch.clamp(old_logp - gen_logp, max=math.log(cap))).detach()
 
 
 def kl_estimators(logp: torch.Tensor, ref_logp: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -919,10 +937,10 @@ def sample_and_reward(policy, pending: list, reward_fn, cfg: Config, tok, d: C.D
     """Sample G responses for each (prompt item, seed) in `pending` with the parameters gathered
     once (PITFALLS #12), decode them for the reward only, and reward them. Returns one group each."""
     G, t0 = cfg.group_size, time.time()
-    with S.gathered_for_generation(policy), torch.no_grad(), C.fwd_context(policy, d, dtype):
+    with S.gathered_for_generation(policy), torch.no_grad(), S.sampling_model(policy, d, dtype) as sampler:
         if pending:
             policy.eval()
-            toks, glogp, lens, fin = sample_groups(policy, [p for p, _ in pending], cfg, tok, d, [s for _, s in pending])
+            toks, glogp, lens, fin = sample_groups(sampler, [p for p, _ in pending], cfg, tok, d, [s for _, s in pending])
             policy.train()
     stats["gen_time"] += time.time() - t0
     if not pending:
@@ -1105,7 +1123,7 @@ def single_update(cfg: Config) -> bool:
 def rl_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, n_global: float,
             cfg: Config, ref_logp: torch.Tensor | None = None, values: torch.Tensor | None = None,
             old_values: torch.Tensor | None = None, returns: torch.Tensor | None = None,
-            n_tok: float = 1.0, vf_coef: float = 1.0):
+            n_tok: float = 1.0, vf_coef: float = 1.0, gen_logp: torch.Tensor | None = None):
     """The loss of one micro-batch, assembled from the policy, KL and value terms (pure tensors;
     cfg only supplies the coefficients):
 
@@ -1114,13 +1132,16 @@ def rl_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask:
     l^clip is `policy_loss` (clipped surrogate, clip-higher, dual-clip), agg is `aggregate` with the
     GLOBAL normaliser n_global of the optimizer step, L_V is `value_loss` over n_tok global trained
     tokens; c_v = vf_coef (the shared head's --vf_coef, 1 for a separate critic). All tensors
-    [b, T]; values etc. only for PPO, ref_logp only with a reference. Returns (loss, stats) with
-    detached SUMS for logging.
+    [b, T]; values etc. only for PPO, ref_logp only with a reference, gen_logp (the sampler's) only
+    with --tis_cap > 0. Returns (loss, stats) with detached SUMS for logging.
     """
+    w = truncated_is_weight(old_logp, gen_logp, cfg.tis_cap) if cfg.tis_cap > 0 and gen_logp is not None else None
     pl, stats = policy_loss(logp, old_logp, adv, mask, cfg.clip_low, cfg.clip_high, cfg.loss_agg, n_global,
-                            float(cfg.loss_norm_len), cfg.clip_ratio_c, cfg.max_log_ratio)
+                            float(cfg.loss_norm_len), cfg.clip_ratio_c, cfg.max_log_ratio, is_weight=w)
     loss = pl
     stats["pg_loss"] = pl.detach()
+    if w is not None:
+        stats.update(tis_weight=(w * mask).sum(), tis_capped=((w >= cfg.tis_cap) * mask).sum())
     if ref_logp is not None:
         kls = kl_estimators(logp, ref_logp)
         if cfg.kl_in == "loss":
@@ -1144,7 +1165,8 @@ def update(policy, critic, opt, critic_opt, ro: Rollout, b: dict, cfg: Config, t
     n = ro.tokens.shape[0]
     mask, shared_values, one = b["mask"], cfg.algo == "ppo" and cfg.critic == "head", single_update(cfg)
     acc = {k: 0.0 for k in ("ratio_sum", "clipped", "dual_clipped", "tokens", "ppo_kl_k1", "ppo_kl_k3", "k1", "k2", "k3", "entropy",
-                            "vloss", "vf_clipped", "pg_loss", "logp_diff_sampler", "loss", "train_tokens")}
+                            "vloss", "vf_clipped", "pg_loss", "logp_diff_sampler", "loss", "train_tokens",
+                            "tis_weight", "tis_capped")}
     policy.train()
     gnorm = 0.0
     for epoch in range(cfg.ppo_epochs):
@@ -1169,7 +1191,7 @@ def update(policy, critic, opt, critic_opt, ro: Rollout, b: dict, cfg: Config, t
                                    ref_logp=dev(b["ref_logp"]) if (b["use_ref"]) else None,
                                    values=vals, old_values=dev(b["old_values"]) if vals is not None else None,
                                    returns=dev(b["returns"]) if vals is not None else None, n_tok=norms["n_tok"],
-                                   vf_coef=cfg.vf_coef if shared_values else 1.0)
+                                   vf_coef=cfg.vf_coef if shared_values else 1.0, gen_logp=dev(ro.gen_logp))
                 loss.backward()
                 loss_step += loss.item()
                 for key, v in st.items():
@@ -1209,6 +1231,7 @@ def step_metrics(ro: Rollout, b: dict, up: dict, cfg: Config, d: C.Dist, t_upd: 
         "kl_k1": s["k1"] / ntok, "kl_k2": s["k2"] / ntok, "kl_k3": s["k3"] / ntok, "entropy": s["entropy"] / ntok,
         # |trainer logp - sampler logp| before any update: ~1e-7 unless sampling and scoring differ
         "logp_diff_sampler": s["logp_diff_sampler"] / max(s["mask"], 1.0),
+        "tis_weight_mean": s["tis_weight"] / ntok, "tis_capped_frac": s["tis_capped"] / ntok,
         "loss": s["loss"] / n_updates, "pg_loss": s["pg_loss"] / n_updates,  # mean over optimizer steps
         "value_loss": s["vloss"] / n_updates, "vf_clip_frac": s["vf_clipped"] / ntok if cfg.algo == "ppo" else 0.0,
         "reward_fail_error": s["reward_fail_error"], "reward_fail_nan": s["reward_fail_nan"],
@@ -1297,8 +1320,8 @@ def evaluate(policy, tok, cfg: Config, d: C.Dist, dtype, kinds: list[str], rm_sc
         if items:
             was_training = policy.training
             policy.eval()
-            with S.gathered_for_generation(policy), torch.no_grad(), C.fwd_context(policy, d, dtype):
-                gen = S.generate(policy, [it["prompt_ids"] for it in items], cfg.eval_max_new_tokens,
+            with S.gathered_for_generation(policy), torch.no_grad(), S.sampling_model(policy, d, dtype) as sampler:
+                gen = S.generate(sampler, [it["prompt_ids"] for it in items], cfg.eval_max_new_tokens,
                                  eos_ids=tok.eos_token_id, pad_id=tok.pad_token_id, temperature=0.0)
             policy.train(was_training)
             ids = [gen.response_ids(i) for i in range(len(items))]

@@ -801,3 +801,42 @@ def test_resolve_dtype(monkeypatch):
         assert lin(torch.ones(1, 2)).dtype == torch.bfloat16
     with C.fwd_context(lin, d, torch.float32):
         assert lin(torch.ones(1, 2)).dtype == torch.float32
+
+
+def test_sample_categorical_is_exact_in_distribution_and_skips_zero_probabilities():
+    """The sampler's two-level inverse-CDF draw (sampler.sample_categorical): chi-square against
+    the probabilities over 200k draws (V = 600, not a multiple of the block), never a token of
+    probability 0, and deterministic given the generator."""
+    g = torch.Generator().manual_seed(0)
+    V, n = 600, 200_000
+    p = torch.rand(V, generator=g) ** 3
+    p[::7] = 0.0  # zero-probability tokens (as after top-p)
+    p = p / p.sum()
+    draws = S.sample_categorical(p.expand(n, V).contiguous(), torch.Generator().manual_seed(1), block=64)
+    counts = torch.bincount(draws, minlength=V).double()
+    assert counts[p == 0].sum() == 0
+    keep = p > 0
+    expected = p.double()[keep] * n
+    chi2 = float(((counts[keep] - expected) ** 2 / expected).sum())
+    dof = int(keep.sum()) - 1
+    assert chi2 < dof + 5 * math.sqrt(2 * dof), (chi2, dof)  # ~5 sigma
+    again = S.sample_categorical(p.expand(4, V).contiguous(), torch.Generator().manual_seed(3))
+    assert torch.equal(again, S.sample_categorical(p.expand(4, V).contiguous(), torch.Generator().manual_seed(3)))
+
+
+def test_sampling_model_bf16_copy_is_refreshed_and_fp32_is_the_model_itself(tok, lm):
+    d = C.Dist()
+    wrapped = M.LogProbModel(lm)
+    with S.sampling_model(wrapped, d, torch.float32) as m:
+        assert m is wrapped
+    with S.sampling_model(wrapped, d, torch.bfloat16) as m:
+        assert m is not lm and next(m.parameters()).dtype == torch.bfloat16
+        assert all(b.dtype == b0.dtype for b, b0 in zip(m.buffers(), lm.buffers()))  # rotary stays fp32
+        first = m
+    with torch.no_grad():
+        lm.get_input_embeddings().weight.add_(1.0)  # a training step moves the master weights
+    with S.sampling_model(wrapped, d, torch.bfloat16) as m:
+        assert m is first  # one copy, refreshed in place
+        torch.testing.assert_close(m.get_input_embeddings().weight.float(),
+                                   lm.get_input_embeddings().weight.bfloat16().float())
+    assert sum(1 for _ in wrapped.parameters()) == sum(1 for _ in lm.parameters())  # not a submodule
