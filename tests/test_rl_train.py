@@ -279,7 +279,7 @@ def test_one_process_accum2_equals_two_processes(tmp_path):
     micro-batches vs 2 processes with 1 each, the same reproducible rollouts; compare weights."""
     from safetensors.torch import load_file
     args = TINY + ["--stages", f"toy:{ROOT}/data/math_train.jsonl:1", "--max_new_tokens", "6",
-                   "--prompts_per_step", "2", "--group_size", "2", "--micro_batch_size", "2", "--lr", "1e-3",
+                   "--prompts_per_step", "2", "--group_size", "4", "--micro_batch_size", "4", "--lr", "1e-3",
                    "--kl_coef", "0.1", "--reproducible_rollouts", "true"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     script = os.path.join(ROOT, "04_rl.py")
