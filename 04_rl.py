@@ -728,6 +728,12 @@ def safe_reward(fn, *args, timeout_s: float | None = None, failure_value: float 
             res, status, err = None, "error", repr(e)[:500]
     else:
         res, status, err = V.call_with_timeout(fn, *args, timeout_s=timeout_s)
+    return reward_outcome(res, status, err, failure_value)
+
+
+def reward_outcome(res, status: str, err, failure_value: float):
+    """A raw reward call (result, status, error) -> (value, status, info): failures, non-numbers
+    and NaN / inf become failure_value with their status (see safe_reward)."""
     if status != "ok":
         return failure_value, status, ({"error": err} if err else {})
     info = {}
@@ -780,8 +786,11 @@ def make_reward_fn(kind: str, cfg: Config, rm_scorer=None):
     fn(items, texts, ids) -> (rewards [n] list, statuses [n], infos [n])."""
     def per_sample(fn, timeout):
         def batch(items, texts, ids):
-            res = [safe_reward(fn, it["row"], t, timeout_s=timeout, failure_value=cfg.failure_reward)
-                   for it, t in zip(items, texts)]
+            if timeout is None:
+                res = [safe_reward(fn, it["row"], t, failure_value=cfg.failure_reward) for it, t in zip(items, texts)]
+            else:  # the whole batch in one guarded child (V.map_with_timeout), not one fork per reward
+                raw = V.map_with_timeout(fn, [(it["row"], t) for it, t in zip(items, texts)], timeout)
+                res = [reward_outcome(*r, cfg.failure_reward) for r in raw]
             return [r[0] for r in res], [r[1] for r in res], [r[2] for r in res]
         return batch
 
@@ -948,7 +957,9 @@ def sample_and_reward(policy, pending: list, reward_fn, cfg: Config, tok, d: C.D
     stats["gen_tokens"] += int(lens.sum())
     ids = [toks[i, :lens[i]].tolist() for i in range(len(lens))]
     texts = [tok.decode(x, skip_special_tokens=True) for x in ids]
+    t1 = time.time()
     rew, status, infos = reward_fn([p for p, _ in pending for _ in range(G)], texts, ids)
+    stats["reward_time"] += time.time() - t1
     for s in status:
         if s != "ok":
             stats[f"reward_fail_{s}"] += 1
@@ -967,7 +978,7 @@ def rollout(policy, prompts: list[dict], reward_fn, cfg: Config, tok, d: C.Dist,
     base = step * cfg.prompts_per_step + d.rank * B
     idx = C.epoch_stream_indices(len(prompts), base, B, cfg.seed + stage_idx)
     pending = [(prompts[i], C.seed_for(cfg.seed, stage_idx, base + j)) for j, i in enumerate(idx)]
-    stats = {"reward_fail_error": 0, "reward_fail_nan": 0, "reward_fail_timeout": 0, "gen_time": 0.0,
+    stats = {"reward_fail_error": 0, "reward_fail_nan": 0, "reward_fail_timeout": 0, "gen_time": 0.0, "reward_time": 0.0,
              "gen_tokens": 0, "groups_sampled": 0, "zero_std_groups": 0, "groups_first": 0}
     kept, rejected = [], []
     for attempt in range(cfg.max_resample + 1):
@@ -1238,6 +1249,7 @@ def step_metrics(ro: Rollout, b: dict, up: dict, cfg: Config, d: C.Dist, t_upd: 
         "reward_fail_timeout": s["reward_fail_timeout"], "grad_norm": up["grad_norm"],
         # per rank: sampled tokens / generation time; prompt + response tokens through forward+backward / update time
         "gen_tok_per_s": s["gen_tokens"] / max(s["gen_time"], 1e-9),
+        "gen_s": s["gen_time"] / W, "reward_s": s["reward_time"] / W,  # parts of rollout_s
         "train_tok_per_s": s["train_tokens"] / max(t_upd, 1e-9) / W,
     }
 
@@ -1287,12 +1299,14 @@ def rl_train(cfg: Config, kind: str, policy, ref, prompts: list[dict], reward_fn
         # step 1 rollout: G samples per prompt, exact ids kept, rewarded (dynamic sampling refills)
         ro = rollout(policy, prompts, reward_fn, cfg, tok, d, dtype, stage_idx, step)
         # step 2 score: mask, old / ref log-probs and values, shaped rewards, advantages
+        t_score = time.time()
         b = score(ro, policy, ref, critic, cfg, kind, tok, d, dtype, rm_norm)
-            # step 3 update: epochs x minibatches of rl_loss, each step normalised globally
+        # step 3 update: epochs x minibatches of rl_loss, each step normalised globally
         t_upd, lr = time.time(), C.lr_at(step, cfg.max_steps, cfg.warmup_steps, cfg.lr, cfg.min_lr_ratio)
         up = update(policy, critic, opt, critic_opt, ro, b, cfg, tok, d, dtype, lr, step0 + step)
         metrics = {"stage": stage_idx, "kind": kind, **step_metrics(ro, b, up, cfg, d, time.time() - t_upd),
-                   "lr": lr, "step_s": time.time() - t_start}
+                   "lr": lr, "step_s": time.time() - t_start, "rollout_s": t_score - t_start,
+                   "score_s": t_upd - t_score, "update_s": time.time() - t_upd}
         log.log(step0 + step, metrics)
         history.append(metrics)
         if cfg.save_every and ckpt_dir is not None and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.max_steps:

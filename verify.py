@@ -79,6 +79,54 @@ def call_with_timeout(fn, *args, timeout_s: float):
         proc.join()
 
 
+def _guarded_batch_child(conn, fn, arg_list):
+    global _in_guarded_child
+    _in_guarded_child = True
+    for args in arg_list:  # one answer per item, in order, as soon as it is known
+        try:
+            conn.send(("ok", fn(*args)))
+        except BaseException as e:  # noqa: BLE001
+            try:
+                conn.send(("error", f"{type(e).__name__}: {e}"[:500]))
+            except Exception:  # noqa: BLE001
+                conn.send(("error", "unpicklable result"))
+    conn.close()
+
+
+def map_with_timeout(fn, arg_list: list[tuple], timeout_s: float) -> list[tuple]:
+    """[call_with_timeout(fn, *args, timeout_s=timeout_s) for args in arg_list], with ONE forked
+    child for the whole batch instead of one per call: the child answers item by item; when an item
+    takes longer than timeout_s the child is killed, that item is a "timeout", and a fresh child
+    takes the rest. Same guarantees, one fork per batch (plus one per hang): scoring 32 rollouts
+    cost 32 forks of the trainer (~1.3 s of a 2.2 s GRPO step in the speed issue's bench)."""
+    if _in_guarded_child or not arg_list:
+        return [call_with_timeout(fn, *a, timeout_s=timeout_s) for a in arg_list]
+    out, i, ctx = [], 0, mp.get_context("fork")
+    while i < len(arg_list):
+        recv, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_guarded_batch_child, args=(send, fn, arg_list[i:]), daemon=True)
+        proc.start()
+        send.close()
+        try:
+            while i < len(arg_list):
+                if not recv.poll(timeout_s):
+                    out.append((None, "timeout", None))
+                    i += 1
+                    break
+                kind, payload = recv.recv()
+                out.append((payload, "ok", None) if kind == "ok" else (None, "error", payload))
+                i += 1
+        except (EOFError, OSError) as e:  # the child died on item i without answering
+            out.append((None, "error", f"worker died: {e!r}"))
+            i += 1
+        finally:
+            recv.close()
+            if proc.is_alive():
+                proc.kill()
+            proc.join()
+    return out
+
+
 # ---------------------------------------------------------------------------
 # Math: final-answer extraction
 # ---------------------------------------------------------------------------

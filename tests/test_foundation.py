@@ -177,6 +177,25 @@ def test_call_with_timeout_kills_a_gil_holding_hang_and_reports_errors():
     assert status == "error" and "died" in err
 
 
+def test_map_with_timeout_equals_call_with_timeout_item_by_item():
+    """One guarded child per batch: a hang, an error and a dying item each cost only themselves;
+    every other item is answered, in order, as call_with_timeout would."""
+    def f(x):
+        if x == "hang":
+            return pow(9, 9 ** 9 ** 3)  # C code holding the GIL
+        if x == "die":
+            os._exit(3)
+        return 1 / x
+    args = [(1,), ("hang",), (2,), (0,), ("die",), (4,)]
+    got = V.map_with_timeout(f, args, timeout_s=1.0)
+    assert [g[1] for g in got] == ["ok", "timeout", "ok", "error", "error", "ok"]
+    assert [g[0] for g in got] == [1.0, None, 0.5, None, None, 0.25]
+    assert "ZeroDivisionError" in got[3][2] and "died" in got[4][2]
+    assert V.map_with_timeout(f, [], timeout_s=1.0) == []
+    pids = V.map_with_timeout(lambda _: os.getpid(), [(i,) for i in range(5)], timeout_s=30.0)
+    assert len({p for p, _, _ in pids}) == 1 and pids[0][0] != os.getpid()  # one child for the batch
+
+
 def test_every_grading_path_uses_the_one_time_limit():
     for name in ("01_cold_start_sft.py", "04_rl.py", "common.py", "verify.py"):
         src = (ROOT / name).read_text()
