@@ -840,3 +840,36 @@ def test_sampling_model_bf16_copy_is_refreshed_and_fp32_is_the_model_itself(tok,
         torch.testing.assert_close(m.get_input_embeddings().weight.float(),
                                    lm.get_input_embeddings().weight.bfloat16().float())
     assert sum(1 for _ in wrapped.parameters()) == sum(1 for _ in lm.parameters())  # not a submodule
+
+
+def test_llama_decode_step_matches_hf_bf16_and_follows_weight_refreshes(tok, lm):
+    """The written-out bf16 decode step (sampler.LlamaDecodeStep, used for the bf16 sampling copy)
+    gives HF's bf16 greedy tokens and log-probs; after the master weights move, sampling_model's
+    refresh reaches it (its q/k/v and gate/up weights are views into the fused ones)."""
+    d = C.Dist()
+    wrapped = M.LogProbModel(lm)
+    prompts = [tok("Hello there, how are", add_special_tokens=False)["input_ids"],
+               tok("Two plus", add_special_tokens=False)["input_ids"]]
+
+    def both():
+        with S.sampling_model(wrapped, d, torch.bfloat16) as m:
+            assert m in S._ENGINES
+            fast = S.generate(m, prompts, 12, [], tok.pad_token_id, temperature=0.0)
+            engine = S._ENGINES.pop(m)
+            try:
+                slow = S.generate(m, prompts, 12, [], tok.pad_token_id, temperature=0.0)
+            finally:
+                S._ENGINES[m] = engine
+        return fast, slow
+    # bf16 greedy decoding of a random tiny model meets near-ties (flat distributions), where two
+    # correct bf16 computations may pick different tokens: compare the first steps
+    fast, slow = both()
+    assert torch.equal(fast.tokens[:, :6], slow.tokens[:, :6])
+    torch.testing.assert_close(fast.logp[:, :6], slow.logp[:, :6], atol=0.05, rtol=0)
+    with torch.no_grad():
+        for p_ in lm.parameters():
+            p_.mul_(1.5)
+    fast2, slow2 = both()
+    assert torch.equal(fast2.tokens[:, :6], slow2.tokens[:, :6])
+    torch.testing.assert_close(fast2.logp[:, :6], slow2.logp[:, :6], atol=0.05, rtol=0)
+    assert (fast2.logp[:, :6] - fast.logp[:, :6]).abs().max() > 0.05  # the refresh reached the engine
