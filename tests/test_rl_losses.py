@@ -324,7 +324,7 @@ def test_policy_loss_with_tis_is_the_weighted_per_token_loss():
                 if a < 0:
                     l_t = min(l_t, -a * cfg.clip_ratio_c)
                 ref += min(math.exp(float(old[i, t] - gen[i, t])), 2.0) * l_t
-    assert abs(float(loss) - ref / n) < 1e-5
+    assert abs(float(loss.detach()) - ref / n) < 1e-5
     assert float(st["tis_weight"]) > 0
     base, _ = rl.rl_loss(logp, old, adv, mask, n, rl.Config(tis_cap=0.0, loss_agg="token_mean"), gen_logp=gen)
     same, _ = rl.rl_loss(logp, old, adv, mask, n, cfg, gen_logp=old.clone())
