@@ -153,7 +153,8 @@ def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, eo
         nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
         step_ids = nxt[:, None]
         step_pos = step_pos[:, -1:] + 1
-        attn = torch.cat([attn, attn.new_ones(B, 1)], dim=1)
+        if kv is None:  # HF's forward takes the whole mask each step; the engine uses `bias`
+            attn = torch.cat([attn, attn.new_ones(B, 1)], dim=1)
     N = int(lengths.max()) if B else 0
     return Generation(tokens[:, :N].cpu(), logps[:, :N].cpu(), lengths.cpu(), finished.cpu())
 
