@@ -234,9 +234,13 @@ def test_1_the_result_channel_cannot_be_read_or_rewritten(canaries):
 
 def test_2_the_judges_stack_frame_cannot_be_reached(canaries):
     code = ("import os, sys\n"
-            "def add(a, b):\n"
+            "def frames():\n"
             "    f = sys._getframe(1)\n"
             "    while f is not None:\n"
+            "        yield f\n"
+            "        f = f.f_back\n"
+            "def add(a, b):\n"
+            "    for f in frames():\n"
             "        for scope in (f.f_locals, f.f_globals):\n"
             "            for name in ('report', 'emit'):\n"
             "                fn = scope.get(name)\n"
@@ -246,18 +250,11 @@ def test_2_the_judges_stack_frame_cannot_be_reached(canaries):
             "                            fn('test', i, True) if name == 'report' else fn({'test': i, 'passed': True})\n"
             "                        except Exception:\n"
             "                            pass\n"
-            "        f = f.f_back\n"
-            "    fn = None\n"
-            "    for scope in [fr.f_locals for fr in frames()]:\n"
-            "        if callable(scope.get('report')):\n"
-            "            scope['report']('done')\n"
+            "    for f in frames():\n"
+            "        if callable(f.f_locals.get('report')):\n"
+            "            f.f_locals['report']('done')\n"
             "            os._exit(0)\n"  # before the real verdict of this test is written
-            "    return 0\n"
-            "def frames():\n"
-            "    f = sys._getframe(1)\n"
-            "    while f is not None:\n"
-            "        yield f\n"
-            "        f = f.f_back\n")
+            "    return 0\n")
     reward, info = run_code_tests(code, ADD_TESTS)
     assert reward <= 0.5 and info["passed"] <= 2
     check_contained(info, canaries)
