@@ -257,12 +257,18 @@ def sampling_model(model: nn.Module, d: C.Dist, dtype: torch.dtype):
     (decoding reads every weight once per token: memory-bound). Costs one bf16 copy of the weights
     (270 MB for SmolLM2-135M). Rotary buffers stay fp32. The sampler's log-probs then differ from
     the trainer's a little more than under autocast (RMSNorm in bf16): logged as logp_diff_sampler,
-    and what --tis_cap corrects."""
+    and what --tis_cap corrects. A model whose weights are already in `dtype` (stage 3's frozen
+    teacher) is sampled from directly, with the decode step, and never copied."""
     if dtype == torch.float32 or C.is_sharded(model):
         with C.fwd_context(model, d, dtype):
             yield model
         return
     lm = model.lm if isinstance(model, M.LogProbModel) else model
+    if next(lm.parameters()).dtype == dtype:  # already held in the compute dtype (a frozen teacher): no copy
+        if lm not in _ENGINES and LlamaDecodeStep.supported(lm):
+            _ENGINES[lm] = LlamaDecodeStep(lm)
+        yield lm
+        return
     low = _COPIES.get(lm)
     with torch.no_grad():
         if low is None or next(low.parameters()).dtype != dtype:

@@ -1,0 +1,502 @@
+"""Tests of 03_distill.py (stage 3: dual-level distillation), tiny models.
+
+Every divergence against a float64 loop and its closed-form cases; top-k with k = V equals the full
+loss; the chunked student path against a naive full-logits one (values and gradients); DPO's closed
+form and gradient sign; building a student from the teacher's layers; bad input (vocabulary,
+template, prompts, caches); and real CLI runs: the teacher stays frozen, the held-out KL falls,
+kill-and-resume, 1 process x accumulation 2 == 2 processes (torchrun, gloo, fp32), bf16 compute.
+"""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import common as C  # noqa: E402
+import models as M  # noqa: E402
+from stage_scripts import load_script  # noqa: E402
+
+D3 = load_script("03_distill.py", "distill")
+DATA = ROOT / "data"
+
+
+# ----------------------------------------------------------------------------------------------
+# Naive references: python loops over plain float64 probabilities
+
+
+def probs(logits):
+    return torch.softmax(logits.double(), -1)
+
+
+def naive_kl(p, q):
+    return sum(p[i] * math.log(p[i] / q[i]) for i in range(len(p)) if p[i] > 0)
+
+
+def naive(kind, ps, pt, beta=0.5, a=0.1):
+    """One divergence per row, from probability rows (python floats)."""
+    out = []
+    for s, t in zip(ps.tolist(), pt.tolist()):
+        if kind == "fkl":
+            out.append(naive_kl(t, s))
+        elif kind == "rkl":
+            out.append(naive_kl(s, t))
+        elif kind == "jsd":
+            m = [beta * ti + (1 - beta) * si for si, ti in zip(s, t)]
+            out.append(beta * naive_kl(t, m) + (1 - beta) * naive_kl(s, m))
+        elif kind == "skew_fkl":
+            out.append(naive_kl(t, [a * ti + (1 - a) * si for si, ti in zip(s, t)]))
+        elif kind == "skew_rkl":
+            out.append(naive_kl(s, [a * si + (1 - a) * ti for si, ti in zip(s, t)]))
+        elif kind == "tvd":
+            out.append(0.5 * sum(abs(ti - si) for si, ti in zip(s, t)))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def kd_of(kind, beta=0.5, a=0.1, **kw):
+    return D3.KD(divergence=kind, beta=beta, skew=a, **kw)
+
+
+@pytest.fixture
+def two_dists():
+    g = torch.Generator().manual_seed(0)
+    zs, zt = torch.randn(6, 7, generator=g) * 2, torch.randn(6, 7, generator=g) * 2
+    return zs.double().log_softmax(-1), zt.double().log_softmax(-1)
+
+
+@pytest.mark.parametrize("kind,beta,a", [("fkl", 0, 0), ("rkl", 0, 0), ("jsd", 0.5, 0), ("jsd", 0.1, 0),
+                                         ("jsd", 0.9, 0), ("skew_fkl", 0, 0.1), ("skew_fkl", 0, 0.5),
+                                         ("skew_rkl", 0, 0.1), ("skew_rkl", 0, 0.7), ("tvd", 0, 0)])
+def test_divergences_equal_float64_loops(two_dists, kind, beta, a):
+    s, t = two_dists
+    got = D3.token_divergence(s, t, kd_of(kind, beta, a))
+    assert torch.allclose(got, naive(kind, s.exp(), t.exp(), beta, a), rtol=1e-10, atol=1e-12)
+    # float32 (what training uses) within float32 rounding
+    got32 = D3.token_divergence(s.float(), t.float(), kd_of(kind, beta, a))
+    assert torch.allclose(got32.double(), naive(kind, s.exp(), t.exp(), beta, a), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", D3.DIVERGENCE_NAMES)
+def test_identical_distributions_give_zero(two_dists, kind):
+    s, _ = two_dists
+    assert D3.token_divergence(s, s.clone(), kd_of(kind, 0.3, 0.2)).abs().max() < 1e-12
+
+
+def test_jsd_limits_and_bounds(two_dists):
+    s, t = two_dists
+    fkl, rkl = D3.forward_kl(s, t), D3.reverse_kl(s, t)
+    assert torch.equal(D3.generalized_jsd(s, t, 0.0), fkl) and torch.equal(D3.generalized_jsd(s, t, 1.0), rkl)
+    eps = 1e-5  # the documented limits: JSD(b)/b -> KL(T||S) as b -> 0, JSD(b)/(1-b) -> KL(S||T) as b -> 1
+    assert torch.allclose(D3.generalized_jsd(s, t, eps) / eps, fkl, rtol=1e-3)
+    assert torch.allclose(D3.generalized_jsd(s, t, 1 - eps) / eps, rkl, rtol=1e-3)
+    # disjoint supports: JSD(0.5) = log 2 exactly, TVD = 1
+    a = torch.tensor([[0.0, -float("inf")]]).double()
+    b = torch.tensor([[-float("inf"), 0.0]]).double()
+    assert D3.generalized_jsd(a, b, 0.5).item() == pytest.approx(math.log(2), rel=1e-12)
+    assert D3.total_variation(a, b).item() == pytest.approx(1.0)
+    assert torch.isfinite(D3.forward_kl(a, b)).all()  # clamped at LOG_FLOOR, not inf / nan
+
+
+def test_skew_limits(two_dists):
+    s, t = two_dists
+    assert torch.equal(D3.skew_forward_kl(s, t, 0.0), D3.forward_kl(s, t))
+    assert torch.equal(D3.skew_reverse_kl(s, t, 0.0), D3.reverse_kl(s, t))
+    assert D3.skew_forward_kl(s, t, 1.0).abs().max() == 0 and D3.skew_reverse_kl(s, t, 1.0).abs().max() == 0
+    assert (D3.skew_forward_kl(s, t, 0.1) < D3.forward_kl(s, t)).all()  # mixing in the teacher shrinks it
+    with pytest.raises(ValueError, match="skew alpha"):
+        D3.skew_forward_kl(s, t, 1.5)
+    with pytest.raises(ValueError, match="beta"):
+        D3.generalized_jsd(s, t, -0.1)
+
+
+def test_gradients_are_finite_at_zero_mass():
+    s = torch.tensor([[0.0, -float("inf"), -1.0]], requires_grad=True)
+    t = torch.tensor([[-0.5, -1.0, -float("inf")]]).log_softmax(-1)
+    for kind in D3.DIVERGENCE_NAMES:
+        s.grad = None
+        D3.token_divergence(s.log_softmax(-1), t, kd_of(kind, 0.5, 0.1)).sum().backward()
+        assert torch.isfinite(s.grad).all(), kind
+
+
+def test_topk_support_and_tail_against_loops():
+    g = torch.Generator().manual_seed(1)
+    t_logp = (torch.randn(5, 11, generator=g) * 3).double().log_softmax(-1)
+    s_logp = (torch.randn(5, 11, generator=g) * 3).double().log_softmax(-1)
+    vals, idx = D3.teacher_topk(t_logp, 3, tail=True)
+    for r in range(5):
+        top = sorted(range(11), key=lambda v: -t_logp[r, v].item())[:3]
+        assert sorted(idx[r].tolist()) == sorted(top)
+        pt = t_logp[r].exp()
+        want = [pt[v].item() for v in idx[r].tolist()] + [1 - sum(pt[v].item() for v in top)]
+        assert torch.allclose(vals[r].exp(), torch.tensor(want).double(), atol=1e-12)
+        ps = D3.on_support(s_logp, idx, tail=False)[r].exp()
+        raw = [s_logp[r, v].exp().item() for v in idx[r].tolist()]
+        assert torch.allclose(ps, torch.tensor(raw).double() / sum(raw), atol=1e-12)  # renormalised
+    full_t, none = D3.teacher_topk(t_logp, 0, True)
+    assert none is None and torch.equal(full_t, t_logp)
+    for tail in (True, False):  # k = V: the same distribution, permuted; every divergence unchanged
+        v, ix = D3.teacher_topk(t_logp, 11, tail)
+        assert ix is None
+        for kind in D3.DIVERGENCE_NAMES:
+            assert torch.allclose(D3.token_divergence(s_logp, v, kd_of(kind)),
+                                  D3.token_divergence(s_logp, t_logp, kd_of(kind)))
+
+
+def test_dpo_closed_form_and_gradient_sign():
+    lc = torch.tensor([-1.0], dtype=torch.float64, requires_grad=True)
+    lr = torch.tensor([-2.0], dtype=torch.float64, requires_grad=True)
+    loss, m = D3.dpo_loss(lc, lr, torch.tensor([-1.5]).double(), torch.tensor([-1.5]).double(), beta=0.5)
+    assert m.item() == pytest.approx(0.5)                      # 0.5 * ((-1 + 1.5) - (-2 + 1.5))
+    assert loss.item() == pytest.approx(math.log1p(math.exp(-0.5)), rel=1e-12)   # -log sigmoid(0.5)
+    loss.sum().backward()
+    sig = 1 / (1 + math.exp(0.5))                              # sigmoid(-m)
+    assert lc.grad.item() == pytest.approx(-0.5 * sig) and lr.grad.item() == pytest.approx(0.5 * sig)
+    assert lc.grad.item() < 0 < lr.grad.item()                 # descent: chosen up, rejected down
+    z, _ = D3.dpo_loss(torch.zeros(3), torch.zeros(3), torch.zeros(3), torch.zeros(3), 0.1)
+    assert torch.allclose(z, torch.full((3,), math.log(2)))   # no preference yet: log 2
+
+
+def test_token_level_loss_normalisation_and_temperature():
+    div = torch.tensor([1.0, 2.0, 3.0])
+    assert D3.token_level_loss(div, 6, 1.0).item() == pytest.approx(1.0)
+    assert D3.token_level_loss(div, 6, 2.0).item() == pytest.approx(4.0)  # T^2
+
+
+# ----------------------------------------------------------------------------------------------
+# The chunked student / teacher paths against a naive full-logits computation
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return M.tiny_tokenizer()
+
+
+def rows_for(tok, n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        L = 12 + 3 * i
+        ids = torch.randint(3, len(tok), (L,), generator=g).tolist()
+        out.append({"input_ids": ids, "labels": [C.IGNORE] * 5 + ids[5:]})
+    return out
+
+
+def naive_student_loss(lm, teacher_lm, b, kd):
+    """Full [B, T, V] logits of both models, float64, masked sum of the divergence."""
+    logits = lm(input_ids=b["input_ids"], position_ids=b["position_ids"]).logits[:, :-1].double()
+    with torch.no_grad():
+        t_logits = teacher_lm(input_ids=b["input_ids"], position_ids=b["position_ids"]).logits[:, :-1].double()
+    sel = b["labels"][:, 1:] != C.IGNORE
+    s = (logits[sel] / kd.temperature).log_softmax(-1)
+    t = (t_logits[sel] / kd.temperature).log_softmax(-1)
+    if kd.top_k:
+        t, idx = D3.teacher_topk(t, kd.top_k, kd.tail)
+        if idx is not None:
+            s = D3.on_support(s, idx, kd.tail)
+    return D3.token_divergence(s, t, kd).sum()
+
+
+@pytest.mark.parametrize("kind,top_k,tail,T", [("fkl", 0, True, 1.0), ("rkl", 0, True, 2.0), ("jsd", 0, True, 1.0),
+                                               ("fkl", 8, True, 1.0), ("rkl", 8, False, 1.0), ("tvd", 5, True, 1.5),
+                                               ("skew_fkl", 16, True, 1.0)])
+def test_chunked_student_matches_naive_values_and_grads(tok, kind, top_k, tail, T):
+    lm, t_lm = M.tiny_model(tok, seed=0), M.tiny_model(tok, seed=1)
+    kd = D3.KD(divergence=kind, temperature=T, top_k=top_k, tail=tail)
+    b = C.collate(rows_for(tok), tok.pad_token_id)
+    teacher = D3.TeacherModel(t_lm, chunk_size=7).eval()
+    student = D3.StudentModel(lm, chunk_size=5)  # chunks cross row boundaries
+    t = teacher(b["input_ids"], b["labels"], b["position_ids"], kd=kd)
+    out = student(b["input_ids"], b["labels"], b["position_ids"], t_vals=t["vals"], t_idx=t["idx"], kd=kd)
+    out["div"].sum().backward()
+    g_chunked = {n: p.grad.clone() for n, p in lm.named_parameters()}
+    lm.zero_grad()
+    ref = naive_student_loss(lm, t_lm, b, kd)
+    ref.backward()
+    assert out["div"].sum().item() == pytest.approx(ref.item(), rel=1e-4, abs=1e-6)
+    for n, p in lm.named_parameters():
+        assert torch.allclose(g_chunked[n], p.grad, rtol=1e-3, atol=1e-6), n
+    # the label log-probs are HF's own log_softmax gathered
+    full = lm(input_ids=b["input_ids"], position_ids=b["position_ids"]).logits.log_softmax(-1)
+    want = full[:, :-1].gather(-1, b["input_ids"][:, 1:, None]).squeeze(-1) * (b["labels"][:, 1:] != C.IGNORE)
+    assert torch.allclose(out["logp"][:, 1:], want, atol=1e-5)
+
+
+def test_topk_with_k_equal_vocab_equals_full_loss(tok):
+    lm, t_lm = M.tiny_model(tok, seed=0), M.tiny_model(tok, seed=1)
+    b = C.collate(rows_for(tok), tok.pad_token_id)
+    teacher, student = D3.TeacherModel(t_lm).eval(), D3.StudentModel(lm)
+    V = len(tok)
+    for kind in D3.DIVERGENCE_NAMES:
+        res = []
+        for k in (0, V, V + 5):
+            kd = D3.KD(divergence=kind, top_k=k)
+            t = teacher(b["input_ids"], b["labels"], b["position_ids"], kd=kd)
+            with torch.no_grad():
+                res.append(student(b["input_ids"], b["labels"], b["position_ids"], t_vals=t["vals"], t_idx=t["idx"],
+                                   kd=kd)["div"].sum().item())
+        assert res[1] == pytest.approx(res[0], rel=1e-6) and res[2] == pytest.approx(res[0], rel=1e-6), kind
+
+
+def test_teacher_forward_never_builds_a_graph(tok):
+    teacher = D3.TeacherModel(D3.frozen(M.tiny_model(tok), torch.float32))
+    b = C.collate(rows_for(tok), tok.pad_token_id)
+    t = teacher(b["input_ids"], b["labels"], b["position_ids"], kd=D3.KD(top_k=4))
+    assert not t["vals"].requires_grad and t["idx"].shape == (t["vals"].shape[0], 4) and t["vals"].shape[1] == 5
+    assert all(not p.requires_grad for p in teacher.parameters()) and not teacher.training
+
+
+# ----------------------------------------------------------------------------------------------
+# Building the student, checking compatibility
+
+
+def test_pick_layers():
+    got = D3.pick_layers("15", 30)
+    assert len(got) == 15 and got[0] == 0 and got[-1] == 29 and got == sorted(set(got))
+    assert D3.pick_layers("2", 4) == [0, 3] and D3.pick_layers("1", 4) == [0] and D3.pick_layers("4", 4) == [0, 1, 2, 3]
+    assert D3.pick_layers("0,2,3", 4) == [0, 2, 3]
+    for bad in ("5", "0", "3,1", "0,4", "x"):
+        with pytest.raises(ValueError, match="student_layers"):
+            D3.pick_layers(bad, 4)
+
+
+def test_make_student_copies_the_chosen_layers(tok):
+    t_lm = M.tiny_model(tok, seed=3, layers=4)
+    s_lm = D3.make_student(t_lm, [0, 2, 3])
+    ts, ss = t_lm.state_dict(), s_lm.state_dict()
+    for new, old in enumerate([0, 2, 3]):
+        for k in ss:
+            if k.startswith(f"model.layers.{new}."):
+                assert torch.equal(ss[k], ts[k.replace(f"layers.{new}.", f"layers.{old}.")])
+    assert torch.equal(ss["model.embed_tokens.weight"], ts["model.embed_tokens.weight"])
+    assert s_lm.config.num_hidden_layers == 3 and t_lm.config.num_hidden_layers == 4
+    ids = torch.tensor([[5, 6, 7, 8]])
+    same = D3.make_student(t_lm, [0, 1, 2, 3])  # every layer: the same function as the teacher
+    assert torch.allclose(same(ids).logits, t_lm(ids).logits, atol=1e-6)
+    narrow = D3.make_student(t_lm, [1, 3], intermediate=64)
+    assert narrow.model.layers[0].mlp.gate_proj.weight.shape == (64, 64)
+    g = t_lm.model.layers[1].mlp.gate_proj.weight
+    kept = narrow.model.layers[0].mlp.gate_proj.weight
+    assert all(any(torch.equal(r, g[i]) for i in range(g.shape[0])) for r in kept)  # rows of the teacher's
+    with pytest.raises(ValueError, match="student_intermediate"):
+        D3.make_student(t_lm, [0], intermediate=10 ** 6)
+
+
+def test_incompatible_teacher_and_student_are_rejected(tok):
+    t_lm = M.tiny_model(tok)
+    other = M.tiny_tokenizer()
+    other.add_special_tokens({"additional_special_tokens": ["<|tool|>"]})
+    with pytest.raises(ValueError, match="different vocabularies"):
+        D3.check_compatible(tok, other, t_lm, t_lm, "T", "S")
+    templ = M.tiny_tokenizer()
+    templ.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    with pytest.raises(ValueError, match="different chat templates"):
+        D3.check_compatible(tok, templ, t_lm, t_lm, "T", "S")
+    big = M.tiny_model(tok)
+    big.resize_token_embeddings(len(tok) + 8)
+    with pytest.raises(ValueError, match="output vocabularies"):
+        D3.check_compatible(tok, M.tiny_tokenizer(), t_lm, big, "T", "S")
+    D3.check_compatible(tok, M.tiny_tokenizer(), t_lm, M.tiny_model(tok, seed=5), "T", "S")  # same: fine
+
+
+# ----------------------------------------------------------------------------------------------
+# Real CLI runs on tiny models
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def read(name, n):
+    return [json.loads(line) for line in (DATA / name).read_text().splitlines()[:n]]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Small data files and a tiny 4-layer teacher trained for a few steps on math and chat (so its
+    distributions are peaked and there is something to distil)."""
+    d = tmp_path_factory.mktemp("d3")
+    f = {"math": write_jsonl(d / "math.jsonl", read("math_train.jsonl", 24)),
+         "chat": write_jsonl(d / "chat.jsonl", [r for r in read("chat_train.jsonl", 40)
+                                                if len(json.dumps(r)) < 600][:12]),
+         "math_test": write_jsonl(d / "math_test.jsonl", read("math_test.jsonl", 6))}
+    tok = M.tiny_tokenizer()
+    lm = M.tiny_model(tok, seed=7, hidden=64, layers=4)
+    samples = [C.tokenize_chat(tok, [{"role": "user", "content": r["question"]},
+                                     {"role": "assistant", "content": r["solution"]}]) for r in read("math_train.jsonl", 48)]
+    policy = M.LogProbModel(lm)
+    opt = C.make_optimizer(policy, 3e-3, 0.0)
+    dd = C.Dist()
+    for step in range(30):
+        rows = C.pack_rows([samples[(step * 4 + i) % len(samples)] for i in range(4)], 1024)
+        C.sft_step(policy, opt, rows, dd, torch.float32, 4, tok.pad_token_id, 3e-3, 1.0, step)
+    lm.save_pretrained(d / "teacher")
+    tok.save_pretrained(d / "teacher")
+    f["teacher"] = str(d / "teacher")
+    return f
+
+
+def cli(files, out, *extra):
+    return ["--teacher", files["teacher"], "--student_layers", "2", "--precision", "fp32", "--out_dir", str(out),
+            "--prompts", f"math={files['math']}", f"chat={files['chat']}", "--max_prompt_len", "200",
+            "--max_new_tokens", "24", "--max_len", "400", "--math_test", files["math_test"], "--code_test", "",
+            "--kl_data", files["math_test"], "--eval_limit", "4", "--kl_limit", "6", "--batch_size", "4",
+            "--micro_batch_size", "2", "--pref_prompts", "6", "--pref_samples", "2", "--pref_scorer", "teacher_logp",
+            "--pairs_per_step", "2", "--lr", "2e-3", "--warmup_steps", "1", *extra]
+
+
+def metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_learning_heldout_kl_falls_steadily_teacher_frozen(files, tmp_path, monkeypatch):
+    seen = {}
+    real_step = D3.train_step
+
+    def spy(student, teacher, *a, **k):  # the teacher's weights before the first and after every step
+        seen.setdefault("before", {n: p.detach().clone() for n, p in teacher.named_parameters()})
+        out = real_step(student, teacher, *a, **k)
+        seen["grads"] = [p.grad for p in teacher.parameters()]
+        seen["after"] = {n: p.detach().clone() for n, p in teacher.named_parameters()}
+        return out
+    monkeypatch.setattr(D3, "train_step", spy)
+    summary = D3.main(cli(files, tmp_path / "learn", "--max_steps", "12", "--eval_every", "3", "--gamma", "0",
+                          "--lr", "1e-4", "--warmup_steps", "3", "--offpolicy", "dataset", "--batch_size", "16"))
+    kls = [summary["start"]["heldout_kl"]] + [r["eval_heldout_kl"] for r in metrics(tmp_path / "learn")
+                                              if "eval_heldout_kl" in r and "eval_math_n" not in r]
+    kls.append(summary["end"]["heldout_kl"])
+    assert len(kls) == 5 and all(b < a for a, b in zip(kls, kls[1:])), kls   # measured 0.106 -> 0.009
+    assert kls[-1] < 0.6 * kls[0]
+    assert all(torch.equal(seen["before"][n], seen["after"][n]) for n in seen["before"])
+    assert all(g is None for g in seen["grads"])
+    assert summary["student_params"] < summary["teacher_params"]
+    assert (tmp_path / "learn" / "final" / "model.safetensors").exists()
+
+
+def test_dual_level_run_logs_every_term_and_pairs(files, tmp_path):
+    summary = D3.main(cli(files, tmp_path / "dual", "--max_steps", "3", "--lmbda", "0.5", "--offpolicy", "dataset"))
+    rows = [r for r in metrics(tmp_path / "dual") if "loss" in r]
+    assert len(rows) == 3 and {r["on_policy"] for r in rows} <= {0, 1}
+    assert all({"kd_div", "seqkd_ce", "dpo_loss", "dpo_margin", "pair_acc"} <= set(r) for r in rows)
+    pairs = [json.loads(l) for l in (tmp_path / "dual" / "pairs.jsonl").read_text().splitlines()[1:]]
+    assert pairs and all(p["score_chosen"] > p["score_rejected"] for p in pairs)
+    assert summary["skipped"]["pairs"] == len(pairs)
+    assert rows[0]["dpo_margin"] == pytest.approx(0.0, abs=1e-4)   # the reference is the starting student
+    on = [int(__import__("numpy").random.default_rng(C.seed_for(0, 3, 0, s)).random() < 0.5) for s in range(3)]
+    assert [r["on_policy"] for r in rows] == on                      # the seeded per-step draw, logged
+
+
+def test_topk_cache_equals_live_teacher_and_bad_caches(files, tmp_path):
+    extra = ["--max_steps", "2", "--top_k", "8", "--gamma", "0"]
+    live = D3.main(cli(files, tmp_path / "live", *extra))
+    cached = D3.main(cli(files, tmp_path / "cached", *extra, "--teacher_cache", "true"))
+    assert (tmp_path / "cached" / "teacher_topk.pt").exists()
+    a = [r["loss"] for r in metrics(tmp_path / "live") if "loss" in r]
+    b = [r["loss"] for r in metrics(tmp_path / "cached") if "loss" in r]
+    assert a == pytest.approx(b, rel=1e-5) and live["end"]["heldout_kl"] == pytest.approx(cached["end"]["heldout_kl"], rel=1e-5)
+    # a reused cache is checked before any compute: corrupt, empty, other settings
+    for content, msg in ((b"not a torch file", "corrupt teacher cache"), (b"", "corrupt teacher cache")):
+        out = tmp_path / f"bad{len(content)}"
+        out.mkdir()
+        (out / "teacher_topk.pt").write_bytes(content)
+        shutil.copy(tmp_path / "cached" / "teacher_responses.jsonl", out)
+        with pytest.raises(C.DataError, match=msg):
+            D3.main(cli(files, out, *extra, "--teacher_cache", "true"))
+    with pytest.raises(C.DataError, match="made for"):
+        D3.main(cli(files, tmp_path / "cached", "--max_steps", "4", "--top_k", "4", "--gamma", "0",
+                    "--teacher_cache", "true", "--resume", "false"))
+    (tmp_path / "cached" / "teacher_responses.jsonl").write_text('{"header": {"teacher": "someone else"}}\n')
+    with pytest.raises(C.DataError, match="made for"):
+        D3.main(cli(files, tmp_path / "cached", *extra, "--resume", "false"))
+
+
+def test_bad_prompts_and_config_rejected(files, tmp_path):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "no prompt here"}, {"question": "no answer"}])
+    with pytest.raises(C.DataError, match="no usable prompts"):
+        D3.main(cli(files, tmp_path / "o1", "--prompts", f"bad={bad}"))
+    (tmp_path / "broken.jsonl").write_text('{"question": "1+1?", "answer": "2"}\n{not json\n')
+    with pytest.raises(Exception, match="broken.jsonl:2"):
+        D3.main(cli(files, tmp_path / "o2", "--prompts", f"b={tmp_path / 'broken.jsonl'}"))
+    for flags, msg in ((["--divergence", "kl2"], "divergence"), (["--teacher_cache", "true"], "top_k"),
+                       (["--alpha", "0", "--gamma", "0"], "not both off"), (["--lmbda", "2"], "probability"),
+                       (["--max_len", "100"], "max_len")):
+        with pytest.raises(ValueError, match=msg):
+            D3.main(cli(files, tmp_path / "o3", *flags))
+    other = tmp_path / "other_student"
+    t2 = M.tiny_tokenizer()
+    t2.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    M.tiny_model(t2).save_pretrained(other)
+    t2.save_pretrained(other)
+    with pytest.raises(ValueError, match="different chat templates"):
+        D3.main(cli(files, tmp_path / "o4", "--student", str(other)))
+
+
+def test_kill_and_resume_identical(files, tmp_path):
+    extra = ["--max_steps", "4", "--lmbda", "0.5"]
+    D3.main(cli(files, tmp_path / "straight", *extra))
+    assert D3.main(cli(files, tmp_path / "resumed", *extra, "--stop_after", "2")) is None
+    assert not (tmp_path / "resumed" / "final").exists()
+    D3.main(cli(files, tmp_path / "resumed", *extra))
+    a = load_file(tmp_path / "straight" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses = lambda p: [r["loss"] for r in metrics(p) if "loss" in r]  # noqa: E731
+    assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
+    s = lambda p: {k: v for k, v in json.loads((p / "eval_summary.json").read_text())["start"].items()  # noqa: E731
+                   if k != "gen_tok_per_s"}  # a wall-clock rate: differs run to run
+    assert s(tmp_path / "resumed") == s(tmp_path / "straight")
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_one_with_accumulation(files, tmp_path):
+    """Token level + seq-KD + DPO, off-policy: 1 process x 2 micro-batches == 2 processes (FSDP2,
+    gloo, fp32). The 2-process run reuses the 1-process run's teacher responses and pairs (the
+    pairs' samples are drawn per rank, so they would differ), which also tests the caches."""
+    extra = ["--max_steps", "2", "--micro_batch_size", "1", "--batch_size", "2", "--pairs_per_step", "2",
+             "--eval_limit", "2", "--max_len", "230"]  # one sample per row: 2 KD rows, 2 pairs per step
+    one = D3.main(cli(files, tmp_path / "one", *extra))
+    (tmp_path / "two").mkdir()
+    for f in ("teacher_responses.jsonl", "pairs.jsonl"):
+        shutil.copy(tmp_path / "one" / f, tmp_path / "two" / f)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "03_distill.py"), *cli(files, tmp_path / "two", *extra)]
+    res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=None)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    la = [r for r in metrics(tmp_path / "one") if "loss" in r]
+    assert all(r["kd_rows"] == 2 and r["micro_batches"] == 4 for r in la)  # 1 process: accumulation 2 per kind
+    lb = [r for r in metrics(tmp_path / "two") if "loss" in r]
+    for x, y in zip(la, lb):
+        for k in ("loss", "kd_div", "seqkd_ce", "dpo_loss", "dpo_margin"):
+            assert y[k] == pytest.approx(x[k], rel=1e-5, abs=1e-7), k
+    a = load_file(tmp_path / "one" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "two" / "final" / "model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    two = json.loads((tmp_path / "two" / "eval_summary.json").read_text())
+    assert two["start"]["heldout_kl"] == pytest.approx(one["start"]["heldout_kl"], rel=1e-5)
+
+
+@pytest.mark.skipif(not C.cpu_has_native_bf16(), reason="this CPU has no native bf16 (AVX512-BF16 / AMX)")
+def test_bf16_compute_really_runs_in_bf16(files, tmp_path, monkeypatch):
+    seen = Counter()
+    real = D3.make_student
+
+    def hooked_make_student(t_lm, layers, intermediate=0):
+        s_lm = real(t_lm, layers, intermediate)
+        t_lm.model.layers[1].mlp.down_proj.register_forward_hook(lambda m, i, o: seen.update([f"teacher_{o.dtype}"]))
+        s_lm.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, i, o: seen.update([f"student_{o.dtype}"]))
+        return s_lm
+    monkeypatch.setattr(D3, "make_student", hooked_make_student)
+    args = cli(files, tmp_path / "bf16", "--max_steps", "2")
+    args[args.index("--precision") + 1] = "bf16"
+    D3.main(args)
+    assert seen["teacher_torch.bfloat16"] > 0 and seen["student_torch.bfloat16"] > 0, seen
+    assert seen["teacher_torch.float32"] == 0 and seen["student_torch.float32"] == 0, seen
