@@ -123,7 +123,7 @@ class Config:
     # data
     prompts: list[str] = C.arg(["math=data/math_train.jsonl", "code=data/code_train.jsonl", "chat=data/chat_train.jsonl"],
                                "training prompt sources name=path ({question,solution,answer} | {prompt,solution,tests} | {messages})")
-    prompt_limit: int = C.arg(96, "prompts used per source (first N; 0 = all)")
+    prompt_limit: int = C.arg(64, "prompts used per source (first N; 0 = all)")
     max_prompt_len: int = C.arg(256, "prompts longer than this (tokens) are skipped and counted")
     max_len: int = C.arg(512, "tokens per packed training row")
     max_new_tokens: int = C.arg(128, "new tokens of teacher responses, student samples and eval answers")
@@ -154,7 +154,7 @@ class Config:
     # optimisation
     batch_size: int = C.arg(8, "prompts per optimizer step (global)")
     micro_batch_size: int = C.arg(2, "rows (pairs for DPO) per forward per rank")
-    lr: float = C.arg(1e-4, "peak learning rate")
+    lr: float = C.arg(3e-4, "peak learning rate")
     min_lr_ratio: float = C.arg(0.1, "final lr = min_lr_ratio * lr (cosine)")
     warmup_steps: int = C.arg(2, "linear warmup steps")
     weight_decay: float = C.arg(0.0, "AdamW weight decay (not on norms / biases)")
@@ -170,6 +170,8 @@ class Config:
     kl_limit: int = C.arg(16, "held-out KL sequences per file")
     eval_batch_size: int = C.arg(48, "prompts per eval generate batch")
     eval_every: int = C.arg(0, "held-out KL every N steps (0 = only at start and end)")
+    speed_batch: int = C.arg(32, "prompts in the generation speed measurement (student vs teacher)")
+    speed_tokens: int = C.arg(64, "new tokens per prompt in the speed measurement (no EOS stop)")
     verifier_timeout_s: float = C.arg(20.0, "time limit of one batch of math gradings")
     code_timeout_s: float = C.arg(5.0, "time limit of one sandboxed code run")
     code_workers: int = C.arg(0, "programs graded at once (0 = the number of cores, at most 8)")
@@ -354,41 +356,70 @@ def _student_chunk(h, weight, y, t_vals, t_idx, kd: KD):
     return label_logp, token_divergence(s, t_vals, kd)
 
 
-class StudentModel(M.LogProbModel):
-    """The student: forward returns log p(label) per token and, given teacher targets for the
-    selected positions (labels[:, 1:] != IGNORE, row-major), the per-token divergence.
+def student_chunks(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, t_vals, t_idx, kd: KD,
+                   chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's side over N selected positions: h [N, H] hidden states, weight [V, H], y [N]
+    labels, teacher targets t_vals [N, K'] / t_idx [N, k] (or None: no divergence). Returns
+    (log p_S(y) [N], divergence [N]). `chunk_size` positions at a time, each chunk under activation
+    checkpointing when grads are on, so neither forward nor backward holds more than one
+    [chunk, V] fp32 block of the student (the logits are recomputed in backward)."""
+    fn = functools.partial(_student_chunk, kd=kd)
+    lps, divs = [], []
+    for i in range(0, h.shape[0], chunk_size):
+        j = slice(i, i + chunk_size)
+        args = (h[j], weight, y[j], None if t_vals is None else t_vals[j], None if t_idx is None else t_idx[j])
+        lp, dv = (torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False) if torch.is_grad_enabled()
+                  else fn(*args))
+        lps.append(lp)
+        divs.append(dv)
+    if not lps:
+        return h.new_zeros(0, dtype=torch.float32), h.new_zeros(0, dtype=torch.float32)
+    return torch.cat(lps), torch.cat(divs)
 
-    The output projection runs inside this root forward (FSDP2 gathers it here), `chunk_size`
-    positions at a time, each chunk under activation checkpointing: neither forward nor backward
-    holds more than one [chunk, V] fp32 block of the student."""
+
+@torch.no_grad()
+def teacher_chunks(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, kd: KD, chunk_size: int) -> dict:
+    """The teacher's side over N selected positions (h [N, H], weight [V, H], y [N]):
+    {"vals" [N, K'], "idx" [N, k] or None (teacher_topk), "logp" [N] log p_T(y) at T = 1}, computed
+    `chunk_size` positions at a time; only the targets are kept ([N, k+1], or [N, V] when full)."""
+    vals, idxs, lps = [], [], []
+    for i in range(0, h.shape[0], chunk_size):
+        logits = (h[i:i + chunk_size] @ weight.t()).float()
+        lps.append(logits.log_softmax(-1).gather(-1, y[i:i + chunk_size, None]).squeeze(-1))
+        v, ix = teacher_topk(M.process_logits(logits, kd.temperature).log_softmax(-1), kd.top_k, kd.tail)
+        vals.append(v)
+        idxs.append(ix)
+    V = weight.shape[0]
+    full = kd.top_k <= 0 or kd.top_k >= V
+    if not vals:
+        return {"vals": h.new_zeros(0, V if full else kd.top_k + kd.tail, dtype=torch.float32),
+                "idx": None if full else h.new_zeros(0, kd.top_k, dtype=torch.long), "logp": h.new_zeros(0)}
+    return {"vals": torch.cat(vals), "idx": None if full else torch.cat(idxs), "logp": torch.cat(lps)}
+
+
+def _scatter_rows(sel: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """[N] values at the True positions of sel [B, T-1] -> [B, T] aligned with labels (0 elsewhere,
+    and at position 0, which nothing predicts)."""
+    out = torch.zeros(sel.shape, dtype=flat.dtype, device=sel.device).masked_scatter(sel, flat)
+    return torch.cat([out.new_zeros(sel.shape[0], 1), out], 1)
+
+
+class StudentModel(M.LogProbModel):
+    """The student: forward returns log p(label) per token ("logp" [B, T]) and, given teacher
+    targets for the selected positions (labels[:, 1:] != IGNORE, row-major), the per-token
+    divergence ("div" [B, T]). The output projection runs inside this root forward (FSDP2 gathers
+    it here), chunked (student_chunks): no [B, T, V] tensor of the student ever exists."""
 
     def forward(self, input_ids, labels, position_ids=None, t_vals=None, t_idx=None, kd: KD = KD(),
                 return_hidden: bool = False):
         out = self.lm.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False)
-        hidden, y = out.last_hidden_state[:, :-1], labels[:, 1:]
-        sel = y != C.IGNORE
-        h, yy, w = hidden[sel], y[sel], self.lm.get_output_embeddings().weight
+        sel = labels[:, 1:] != C.IGNORE
+        h = out.last_hidden_state[:, :-1][sel]
         if t_vals is not None and t_vals.shape[0] != h.shape[0]:
             raise ValueError(f"teacher targets for {t_vals.shape[0]} positions, student has {h.shape[0]}")
-        fn = functools.partial(_student_chunk, kd=kd)
-        lps, divs = [], []
-        for i in range(0, h.shape[0], self.chunk_size):
-            j = slice(i, i + self.chunk_size)
-            args = (h[j], w, yy[j], None if t_vals is None else t_vals[j], None if t_idx is None else t_idx[j])
-            if torch.is_grad_enabled():
-                lp, dv = torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
-            else:
-                lp, dv = fn(*args)
-            lps.append(lp)
-            divs.append(dv)
-        B = labels.shape[0]
-        pad = hidden.new_zeros(B, 1, dtype=torch.float32)
-        logp = hidden.new_zeros(B, y.shape[1], dtype=torch.float32)
-        div = torch.zeros_like(logp)
-        if lps:
-            logp = logp.masked_scatter(sel, torch.cat(lps))
-            div = div.masked_scatter(sel, torch.cat(divs))
-        res = {"logp": torch.cat([pad, logp], 1), "div": torch.cat([pad, div], 1)}
+        lp, dv = student_chunks(h, self.lm.get_output_embeddings().weight, labels[:, 1:][sel], t_vals, t_idx, kd,
+                                self.chunk_size)
+        res = {"logp": _scatter_rows(sel, lp), "div": _scatter_rows(sel, dv)}
         if return_hidden:
             res["hidden"] = out.last_hidden_state
         return res
@@ -397,7 +428,8 @@ class StudentModel(M.LogProbModel):
 class TeacherModel(M.LogProbModel):
     """The frozen teacher: forward returns its targets at the selected positions (labels[:, 1:] !=
     IGNORE, row-major): {"vals" [N, K'], "idx" [N, k] or None (see teacher_topk), "logp" [B, T]
-    log p_T(label) at T = 1, aligned with labels as LogProbModel's}. Computed chunk by chunk; never gets gradients; always in eval mode."""
+    log p_T(label) at T = 1, aligned with labels as LogProbModel's}. Computed chunk by chunk
+    (teacher_chunks); never gets gradients; always in eval mode."""
 
     def __init__(self, lm: nn.Module, chunk_size: int = 512):
         super().__init__(lm, chunk_size)
@@ -406,28 +438,14 @@ class TeacherModel(M.LogProbModel):
     def train(self, mode: bool = True):  # frozen: .train() (e.g. after an eval) keeps it in eval mode
         return super().train(False)
 
+    @torch.no_grad()
     def forward(self, input_ids, labels, position_ids=None, kd: KD = KD()):
-        with torch.no_grad():
-            out = self.lm.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False)
-            y = labels[:, 1:]
-            sel = y != C.IGNORE
-            h, yy, w = out.last_hidden_state[:, :-1][sel], y[sel], self.lm.get_output_embeddings().weight
-            vals, idxs, lps = [], [], []
-            for i in range(0, h.shape[0], self.chunk_size):
-                logits = (h[i:i + self.chunk_size] @ w.t()).float()
-                lps.append(logits.log_softmax(-1).gather(-1, yy[i:i + self.chunk_size, None]).squeeze(-1))
-                v, ix = teacher_topk(M.process_logits(logits, kd.temperature).log_softmax(-1), kd.top_k, kd.tail)
-                vals.append(v)
-                idxs.append(ix)
-            V = w.shape[0]
-            K = V if kd.top_k <= 0 or kd.top_k >= V else kd.top_k + kd.tail
-            cat = lambda xs, k, dt: torch.cat(xs) if xs else h.new_zeros(0, k, dtype=dt)  # noqa: E731
-            logp = torch.zeros(y.shape, dtype=torch.float32, device=y.device)
-            if lps:
-                logp = logp.masked_scatter(sel, torch.cat(lps))
-            return {"vals": cat(vals, K, torch.float32),
-                    "idx": None if idxs and idxs[0] is None or K == V else cat(idxs, kd.top_k, torch.long),
-                    "logp": torch.cat([logp.new_zeros(y.shape[0], 1), logp], 1)}
+        out = self.lm.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+        sel = labels[:, 1:] != C.IGNORE
+        t = teacher_chunks(out.last_hidden_state[:, :-1][sel], self.lm.get_output_embeddings().weight,
+                           labels[:, 1:][sel], kd, self.chunk_size)
+        t["logp"] = _scatter_rows(sel, t["logp"])
+        return t
 
 
 def frozen(lm: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -438,6 +456,11 @@ def frozen(lm: nn.Module, dtype: torch.dtype) -> nn.Module:
     for n, b in lm.named_buffers():
         if b.is_floating_point():
             b.data = bufs[n].data
+    # A PyTorch trap, measured: the sampler's prefill projects hidden[:, -1:] (a non-contiguous
+    # [B, 1, H] slice); for a weight WITHOUT requires_grad, matmul will not fold that into one mm
+    # and runs a bmm over B expanded copies of the [V, H] head instead (6.2 s of a 17 s rollout
+    # for 48 prompts on SmolLM2). A contiguous input folds again.
+    lm.get_output_embeddings().register_forward_pre_hook(lambda m, args: (args[0].contiguous(), *args[1:]))
     return lm
 
 
@@ -1012,25 +1035,23 @@ def step_data(step: int, student, tok, train: dict, pairs: list[dict], cfg: Conf
 def evaluate(model, tok, cfg: Config, sets: dict, d, dtype) -> dict:
     """Greedy answers to the held-out math and code prompts (each rank its shard): math accuracy of
     the last and the first attempt, share of answers with a verification, code pass rate (all
-    tests of the last attempt), and generation tokens/s (response tokens / generation seconds)."""
+    tests of the last attempt), and decoding tokens/s (generation_speed)."""
     was = model.training
     model.eval()
     tasks = (sets["math"] + sets["code"])[d.rank::d.world_size]
-    texts, n_tok, secs = [], 0, 0.0
+    texts = []
     with S.gathered_for_generation(model), torch.no_grad():
         for i in range(0, len(tasks), cfg.eval_batch_size):
             chunk = tasks[i:i + cfg.eval_batch_size]
-            t0 = time.perf_counter()
             with S.sampling_model(model, d, dtype) as m:
                 g = S.generate(m, [t["prompt_ids"] for t in chunk], cfg.max_new_tokens, tok.eos_token_id,
                                tok.pad_token_id, temperature=0.0)
-            secs += time.perf_counter() - t0
-            n_tok += int(g.lengths.sum())
             texts += [tok.decode(g.response_ids(j), skip_special_tokens=True) for j in range(len(chunk))]
+        speed = generation_speed(model, [t["prompt_ids"] for t in tasks][:cfg.speed_batch], cfg, d, dtype)
     attempts = [V.split_trajectory(x) for x in texts]
     last = verifier_scores([(t, st[-1]["attempt"]) for t, st in zip(tasks, attempts)], cfg)
     first = verifier_scores([(t, st[0]["attempt"]) for t, st in zip(tasks, attempts)], cfg)
-    sums = Counter(gen_tokens=n_tok, gen_seconds=secs)
+    sums = Counter()
     for t, st, a, b in zip(tasks, attempts, last, first):
         dom = t["domain"]
         sums[f"{dom}_n"] += 1
@@ -1038,9 +1059,8 @@ def evaluate(model, tok, cfg: Config, sets: dict, d, dtype) -> dict:
         sums[f"{dom}_first_correct"] += b == 1.0
         sums[f"{dom}_with_verification"] += any(s["verification"] is not None for s in st)
     keys = [f"{dom}_{k}" for dom in ("math", "code") for k in ("n", "correct", "first_correct", "with_verification")]
-    tot = C.all_reduce_dict({k: sums[k] for k in keys + ["gen_tokens", "gen_seconds"]}, d)
-    out = {"gen_tok_per_s": tot["gen_tokens"] / max(tot["gen_seconds"], 1e-9) / d.world_size
-           if tot["gen_seconds"] else 0.0}
+    tot = C.all_reduce_dict({k: sums[k] for k in keys} | {"speed": speed}, d)
+    out = {"gen_tok_per_s": tot["speed"] / d.world_size}  # per process
     for dom in ("math", "code"):
         n = tot[f"{dom}_n"]
         if n:
@@ -1050,6 +1070,19 @@ def evaluate(model, tok, cfg: Config, sets: dict, d, dtype) -> dict:
     out["examples"] = [f"Q: {tasks[0]['messages'][-1]['content']}\nA: {texts[0]}"] if tasks else []
     model.train(was)
     return out
+
+
+def generation_speed(model, prompts: list[list[int]], cfg: Config, d, dtype) -> float:
+    """Decoding throughput in tokens/s: one batch of prompts, exactly --speed_tokens new tokens per
+    row (no EOS stop, greedy), so teacher and student do the same work whatever they write. Call
+    inside gathered_for_generation."""
+    if not prompts:
+        return 0.0
+    with S.sampling_model(model, d, dtype) as m:
+        S.generate(m, prompts[:2], 2, [-1], 0, temperature=0.0)  # warm-up (the bf16 copy, the engine)
+        t0 = time.perf_counter()
+        S.generate(m, prompts, cfg.speed_tokens, [-1], 0, temperature=0.0)
+    return len(prompts) * cfg.speed_tokens / (time.perf_counter() - t0)
 
 
 def heldout_kl(student, teacher, samples: list[dict], cfg: Config, d, dtype, pad_id: int) -> float:
