@@ -80,6 +80,7 @@ Run (from the repo root)
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import hashlib
 import json
@@ -273,6 +274,7 @@ class KD:
     skew: float = 0.1   # skew_fkl / skew_rkl
     top_k: int = 0      # 0 = whole vocabulary
     tail: bool = True
+    vocab: int = 0      # real vocabulary rows (len(tokenizer)); padding rows beyond are left out; 0 = all
 
 
 def token_divergence(s_logp: torch.Tensor, t_logp: torch.Tensor, kd: KD) -> torch.Tensor:
@@ -350,7 +352,8 @@ def _student_chunk(h, weight, y, t_vals, t_idx, kd: KD):
     label_logp = logp.gather(-1, y[:, None]).squeeze(-1)
     if t_vals is None:
         return label_logp, torch.zeros_like(label_logp)
-    s = logp if kd.temperature == 1.0 else M.process_logits(logits, kd.temperature).log_softmax(-1)
+    real = logits[:, :kd.vocab] if 0 < kd.vocab < logits.shape[-1] else logits  # PITFALLS #17: no padding rows
+    s = logp if kd.temperature == 1.0 and real is logits else M.process_logits(real, kd.temperature).log_softmax(-1)
     if t_idx is not None:
         s = on_support(s, t_idx, tail=t_vals.shape[-1] > t_idx.shape[-1])
     return label_logp, token_divergence(s, t_vals, kd)
@@ -381,20 +384,23 @@ def student_chunks(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, t_val
 def teacher_chunks(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, kd: KD, chunk_size: int) -> dict:
     """The teacher's side over N selected positions (h [N, H], weight [V, H], y [N]):
     {"vals" [N, K'], "idx" [N, k] or None (teacher_topk), "logp" [N] log p_T(y) at T = 1}, computed
-    `chunk_size` positions at a time; only the targets are kept ([N, k+1], or [N, V] when full)."""
-    vals, idxs, lps = [], [], []
-    for i in range(0, h.shape[0], chunk_size):
-        logits = (h[i:i + chunk_size] @ weight.t()).float()
-        lps.append(logits.log_softmax(-1).gather(-1, y[i:i + chunk_size, None]).squeeze(-1))
-        v, ix = teacher_topk(M.process_logits(logits, kd.temperature).log_softmax(-1), kd.top_k, kd.tail)
-        vals.append(v)
-        idxs.append(ix)
-    V = weight.shape[0]
+    `chunk_size` positions at a time into preallocated outputs, so only the targets are ever held
+    ([N, k+1], or one [N, V] fp32 tensor when full: no second copy from concatenating chunks)."""
+    N = h.shape[0]
+    V = kd.vocab if 0 < kd.vocab < weight.shape[0] else weight.shape[0]  # real rows only (PITFALLS #17)
     full = kd.top_k <= 0 or kd.top_k >= V
-    if not vals:
-        return {"vals": h.new_zeros(0, V if full else kd.top_k + kd.tail, dtype=torch.float32),
-                "idx": None if full else h.new_zeros(0, kd.top_k, dtype=torch.long), "logp": h.new_zeros(0)}
-    return {"vals": torch.cat(vals), "idx": None if full else torch.cat(idxs), "logp": torch.cat(lps)}
+    vals = torch.empty(N, V if full else kd.top_k + kd.tail, dtype=torch.float32, device=h.device)
+    idx = None if full else torch.empty(N, kd.top_k, dtype=torch.long, device=h.device)
+    logp = torch.empty(N, dtype=torch.float32, device=h.device)
+    for i in range(0, N, chunk_size):
+        j = slice(i, i + chunk_size)
+        logits = (h[j] @ weight.t()).float()
+        logp[j] = logits.log_softmax(-1).gather(-1, y[j, None]).squeeze(-1)
+        v, ix = teacher_topk(M.process_logits(logits[:, :V], kd.temperature).log_softmax(-1), kd.top_k, kd.tail)
+        vals[j] = v
+        if idx is not None:
+            idx[j] = ix
+    return {"vals": vals, "idx": idx, "logp": logp}
 
 
 def _scatter_rows(sel: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
@@ -517,8 +523,10 @@ def make_student(teacher_lm: nn.Module, layers: list[int], intermediate: int = 0
 
 
 def check_compatible(t_tok, s_tok, t_lm, s_lm, t_name: str, s_name: str) -> None:
-    """Teacher and student must agree on the vocabulary, the special tokens, the chat template and
-    the output size; anything else is an error naming both (a vocabulary is never truncated)."""
+    """Teacher and student must agree on the vocabulary (token for token), the special tokens and
+    the chat template: anything else is an error naming both. Output layers may differ in their
+    PADDING rows beyond the real vocabulary (one family, padded to different multiples): the
+    divergences then compare the real rows only (KD.vocab = len(tokenizer)), PITFALLS #17."""
     who = f"teacher {t_name!r} vs student {s_name!r}"
     tv, sv = t_tok.get_vocab(), s_tok.get_vocab()
     if tv != sv:
@@ -532,9 +540,11 @@ def check_compatible(t_tok, s_tok, t_lm, s_lm, t_name: str, s_name: str) -> None
         raise ValueError(f"{who}: different chat templates; the student would be taught a format it is "
                          f"not prompted with")
     tV, sV = t_lm.get_output_embeddings().weight.shape[0], s_lm.get_output_embeddings().weight.shape[0]
-    if tV != sV:
-        raise ValueError(f"{who}: output vocabularies of {tV} and {sV} rows (same tokenizer, padded "
-                         f"differently); resize one so both have the same rows")
+    if min(tV, sV) < len(t_tok):
+        raise ValueError(f"{who}: output layers of {tV} and {sV} rows, but the tokenizer has {len(t_tok)} tokens")
+    if tV != sV:  # one family, padded differently (PITFALLS #17): the divergences use the real rows only
+        C.print0(f"note: {who}: output layers of {tV} and {sV} rows; the divergences use the "
+                 f"{len(t_tok)} rows of the real vocabulary (KD.vocab), the padding rows are left out")
 
 
 def model_id(name: str, lm: nn.Module) -> str:
@@ -1085,10 +1095,10 @@ def generation_speed(model, prompts: list[list[int]], cfg: Config, d, dtype) -> 
     return len(prompts) * cfg.speed_tokens / (time.perf_counter() - t0)
 
 
-def heldout_kl(student, teacher, samples: list[dict], cfg: Config, d, dtype, pad_id: int) -> float:
+def heldout_kl(student, teacher, samples: list[dict], cfg: Config, d, dtype, pad_id: int, vocab: int = 0) -> float:
     """Mean KL(p_teacher || p_student) per response token (T = 1, the whole vocabulary) over the
     held-out sequences, each rank its shard, sums all-reduced."""
-    kd = KD(divergence="fkl", temperature=1.0, top_k=0)
+    kd = KD(divergence="fkl", temperature=1.0, top_k=0, vocab=vocab)
     mine = samples[d.rank::d.world_size]
     tot, n = 0.0, 0
     with S.gathered_for_generation(student), S.gathered_for_generation(teacher), torch.no_grad():
@@ -1220,7 +1230,7 @@ def summarize(cfg: Config, ev: dict, info: dict, skipped: Counter, t_start: floa
 def full_eval(student, teacher, tok, cfg: Config, sets: dict, d, dtype) -> dict:
     ev = evaluate(student, tok, cfg, sets, d, dtype)
     if sets["kl"]:
-        ev["heldout_kl"] = heldout_kl(student, teacher, sets["kl"], cfg, d, dtype, tok.pad_token_id)
+        ev["heldout_kl"] = heldout_kl(student, teacher, sets["kl"], cfg, d, dtype, tok.pad_token_id, len(tok))
     return ev
 
 
@@ -1245,6 +1255,7 @@ def main(argv=None):
     # ---- models (the student from the newest checkpoint when resuming)
     ck = M.latest_checkpoint(out_dir) if cfg.resume else None
     teacher, student, tok, info = load_models(cfg, ck, d, dtype)
+    kd = dataclasses.replace(kd, vocab=len(tok))
     skipped = Counter()
     sets = load_eval_sets(cfg, tok, skipped)
     if any(t["domain"] == "code" for t in sets["code"]) or any(p.startswith("code=") for p in cfg.prompts):
@@ -1289,8 +1300,8 @@ def main(argv=None):
         log.log(step + 1, st | {"lr": lr, "data_s": t_data, "step_s": time.time() - t0})
         done = step + 1
         if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.max_steps and sets["kl"]:
-            log.log(done, {"eval_heldout_kl": heldout_kl(student, teacher, sets["kl"], cfg, d, dtype, tok.pad_token_id)},
-                    advance=False)
+            kl = heldout_kl(student, teacher, sets["kl"], cfg, d, dtype, tok.pad_token_id, len(tok))
+            log.log(done, {"eval_heldout_kl": kl}, advance=False)
         if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.max_steps or done == cfg.stop_after:
             M.save_checkpoint(out_dir, done, student, tok, opt, d, cfg, {"eval": ev, "skipped": dict(skipped)})
         if cfg.stop_after and done == cfg.stop_after and done < cfg.max_steps:

@@ -12,7 +12,10 @@ bench/compare.py: this project against Hugging Face TRL on the same work, side b
    (two runs with the same digest did the same work).
 3. SFT: 20 optimizer steps of 8 samples through `common.sft_step` vs TRL's SFTTrainer. GRPO: N steps
    of 8 prompts x 4 samples x 64 new tokens, the math reward, through the real `04_rl.py` vs TRL's
-   GRPOTrainer with the same reward function. Each run is its own process (peak RSS is its own),
+   GRPOTrainer with the same reward function. Token-level distillation: 12 steps of 8 chats,
+   generalised JSD (beta 0.5), off-policy, a teacher ~6x the student, through 03_distill's
+   `train_step` vs TRL's GKDTrainer (lmbda 0). DPO: 12 steps of 8 pairs (beta 0.1, reference
+   log-probs precomputed on both sides) through `train_step` vs TRL's DPOTrainer. Each run is its own process (peak RSS is its own),
    runs alternate A B A B so machine drift hits both; medians and min-max are printed.
 4. Tables: training tokens/s and peak memory against sequence length, generation against the
    group size G and the batch, on the real code paths.
@@ -37,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 SFT_LEN, SFT_BATCH, SFT_STEPS = 213, 8, 20
 GRPO_PROMPTS, GRPO_G, GRPO_NEW = 8, 4, 64
+KD_BATCH, KD_STEPS, KD_MAX_LEN = 8, 12, 256  # distillation and DPO: 8 chats / 8 pairs per step
 
 
 # ----------------------------------------------------------------------------------------------
@@ -84,8 +88,23 @@ def build_work(work: Path) -> str:
     (work / "sft.jsonl").write_text("".join(json.dumps({"input_ids": s}) + "\n" for s in samples))
     (work / "prompts.jsonl").write_text("".join(json.dumps({"question": r["question"], "answer": r["answer"]}) + "\n"
                                                 for r in math[:64]))
+    # distillation: a teacher ~6x the student (8 layers x 512: 27.6M vs 4.6M parameters), the same
+    # tokenizer; chats for the token-level step, preference pairs for the DPO step
+    tcfg = LlamaConfig(vocab_size=len(tok), hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+                       num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=4096,
+                       tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id)
+    torch.manual_seed(1)
+    LlamaForCausalLM(tcfg).save_pretrained(work / "teacher")
+    tok.save_pretrained(work / "teacher")
+    fits = [c for c in chats if len(tok.apply_chat_template(c, tokenize=True, return_dict=False)) <= KD_MAX_LEN]
+    (work / "kd.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in fits[:KD_BATCH * KD_STEPS]))
+    pref = C.read_jsonl(ROOT / "data" / "pref_train.jsonl")[:KD_BATCH * KD_STEPS]
+    (work / "pref.jsonl").write_text("".join(json.dumps({k: r[k] for k in ("prompt", "chosen", "rejected")}) + "\n"
+                                             for r in pref))
     h = hashlib.sha256()
-    for f in ("model/tokenizer.json", "model/model.safetensors", "sft.jsonl", "prompts.jsonl"):
+    for f in ("model/tokenizer.json", "model/model.safetensors", "teacher/model.safetensors", "sft.jsonl",
+              "prompts.jsonl", "kd.jsonl", "pref.jsonl"):
         h.update((work / f).read_bytes())
     return h.hexdigest()[:16]
 
@@ -205,6 +224,118 @@ def run_trl_grpo(work: Path, steps: int) -> dict:
     return {"step_s": statistics.median(times[1:]), "reward_s": reward_time[0] / max(steps, 1), "rss_mib": peak_rss_mib()}
 
 
+def _stage3():
+    sys.path.insert(0, str(ROOT / "tests"))
+    from stage_scripts import load_script
+    return load_script("03_distill.py", "distill_bench")
+
+
+def run_ours_gkd(work: Path) -> dict:
+    """03_distill's real train_step, token level only: generalised JSD (beta 0.5, T = 1), off-policy
+    (lmbda 0) on the dataset's chats, the teacher live on the same rows."""
+    import torch
+
+    import common as C
+    import models as M
+    D3 = _stage3()
+    d = C.Dist()
+    dtype = C.resolve_dtype("auto", d.device)
+    s_lm, tok = M.load_model_and_tokenizer(str(work / "model"))
+    t_lm, _ = M.load_model_and_tokenizer(str(work / "teacher"))
+    teacher, student = D3.TeacherModel(D3.frozen(t_lm, dtype)), D3.StudentModel(s_lm)
+    opt = C.make_optimizer(student, 1e-4, 0.0)
+    cfg = D3.Config(alpha=1.0, gamma=0.0, max_len=KD_MAX_LEN, micro_batch_size=KD_BATCH)
+    kd = D3.KD(divergence="jsd", temperature=1.0, beta=0.5)
+    samples = [C.tokenize_chat(tok, r["messages"]) for r in C.read_jsonl(work / "kd.jsonl")]
+    times, tokens = [], []
+    for step in range(KD_STEPS):
+        batch = samples[step * KD_BATCH:(step + 1) * KD_BATCH]
+        t = time.perf_counter()
+        D3.train_step(student, teacher, opt, D3.StepData(kd=batch, ce=None, pairs=[], on_policy=False), cfg, kd, d,
+                      dtype, tok.pad_token_id, 1e-4, step)
+        times.append(time.perf_counter() - t)
+        tokens.append(sum(len(x["input_ids"]) for x in batch))
+    step_s = statistics.median(times[1:])
+    return {"step_s": step_s, "tok_s": statistics.median(tokens[1:]) / step_s, "rss_mib": peak_rss_mib(),
+            "dtype": str(dtype), "threads": torch.get_num_threads()}
+
+
+def run_trl_gkd(work: Path) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    import common as C
+    bf16 = C.resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
+    tok = AutoTokenizer.from_pretrained(work / "model")
+    model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32)
+    teacher = AutoModelForCausalLM.from_pretrained(work / "teacher", dtype=torch.float32)
+    data = Dataset.from_list([json.loads(x) for x in (work / "kd.jsonl").read_text().splitlines()])
+    times = []
+    with tempfile.TemporaryDirectory() as out:
+        args = GKDConfig(output_dir=out, max_steps=KD_STEPS, per_device_train_batch_size=KD_BATCH, learning_rate=1e-4,
+                         lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0, bf16=bf16, use_cpu=True,
+                         logging_steps=1000, save_strategy="no", report_to="none", max_length=KD_MAX_LEN,
+                         lmbda=0.0, beta=0.5, temperature=1.0, seq_kd=False, dataloader_num_workers=0, seed=0)
+        GKDTrainer(model=model, teacher_model=teacher, args=args, train_dataset=data, processing_class=tok,
+                   callbacks=[_trl_timing_callback(times)]).train()
+    return {"step_s": statistics.median(times[1:]), "rss_mib": peak_rss_mib(), "bf16": bf16}
+
+
+def run_ours_dpo(work: Path) -> dict:
+    """03_distill's real train_step, DPO only (beta 0.1), reference log-probs computed before the
+    timed steps (as the stage does when it builds its pairs)."""
+    import common as C
+    import models as M
+    D3 = _stage3()
+    d = C.Dist()
+    dtype = C.resolve_dtype("auto", d.device)
+    lm, tok = M.load_model_and_tokenizer(str(work / "model"))
+    student = D3.StudentModel(lm)
+    opt = C.make_optimizer(student, 1e-4, 0.0)
+    cfg = D3.Config(alpha=0.0, gamma=1.0, seqkd_weight=0.0, dpo_weight=1.0, dpo_beta=0.1, micro_batch_size=KD_BATCH)
+    pairs = []
+    for r in C.read_jsonl(work / "pref.jsonl"):
+        user = [{"role": "user", "content": r["prompt"]}]
+        pairs.append({x: C.tokenize_chat(tok, user + [{"role": "assistant", "content": r[x]}]) for x in ("chosen", "rejected")})
+    refs = D3.seq_logps(student, [p[x] for p in pairs for x in ("chosen", "rejected")], 16, tok.pad_token_id, d, dtype)
+    for i, p in enumerate(pairs):
+        p["ref_chosen"], p["ref_rejected"] = refs[2 * i], refs[2 * i + 1]
+    times = []
+    for step in range(KD_STEPS):
+        t = time.perf_counter()
+        D3.train_step(student, None, opt, D3.StepData(kd=[], ce=None, pairs=pairs[step * KD_BATCH:(step + 1) * KD_BATCH],
+                                                      on_policy=False), cfg, D3.KD(), d, dtype, tok.pad_token_id, 1e-4, step)
+        times.append(time.perf_counter() - t)
+    return {"step_s": statistics.median(times[1:]), "rss_mib": peak_rss_mib(), "dtype": str(dtype)}
+
+
+def run_trl_dpo(work: Path) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    import common as C
+    bf16 = C.resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
+    tok = AutoTokenizer.from_pretrained(work / "model")
+    model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32)
+    rows = [json.loads(x) for x in (work / "pref.jsonl").read_text().splitlines()]
+    data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
+                               "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                               "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows])
+    times = []
+    with tempfile.TemporaryDirectory() as out:
+        args = DPOConfig(output_dir=out, max_steps=KD_STEPS, per_device_train_batch_size=KD_BATCH, learning_rate=1e-4,
+                         lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0, bf16=bf16, use_cpu=True,
+                         logging_steps=1000, save_strategy="no", report_to="none", max_length=KD_MAX_LEN, beta=0.1,
+                         precompute_ref_log_probs=True, dataloader_num_workers=0, seed=0)
+        DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
+                   callbacks=[_trl_timing_callback(times)]).train()
+    return {"step_s": statistics.median(times[1:]), "rss_mib": peak_rss_mib(), "bf16": bf16}
+
+
 # ----------------------------------------------------------------------------------------------
 # The machine and the scaling tables (ours, in this process)
 
@@ -309,27 +440,31 @@ def main():
     ap.add_argument("--work", default="", help="work directory (default: a fresh temp dir)")
     ap.add_argument("--run", default="", help=argparse.SUPPRESS)
     ap.add_argument("--skip_tables", action="store_true")
+    ap.add_argument("--tasks", default="sft,grpo,gkd,dpo", help="comma-separated subset of sft,grpo,gkd,dpo")
     args = ap.parse_args()
     if args.run:
-        runs = {"ours_sft": run_ours_sft, "trl_sft": run_trl_sft, "ours_grpo": run_ours_grpo, "trl_grpo": run_trl_grpo}
+        runs = {"ours_sft": run_ours_sft, "trl_sft": run_trl_sft, "ours_grpo": run_ours_grpo, "trl_grpo": run_trl_grpo,
+                "ours_gkd": run_ours_gkd, "trl_gkd": run_trl_gkd, "ours_dpo": run_ours_dpo, "trl_dpo": run_trl_dpo}
         fn = runs[args.run]
-        print(json.dumps(fn(Path(args.work)) if "sft" in args.run else fn(Path(args.work), args.grpo_steps)))
+        print(json.dumps(fn(Path(args.work), args.grpo_steps) if "grpo" in args.run else fn(Path(args.work))))
         return
     machine_report()
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_work_"))
     print(f"\nwork: {work}, digest {build_work(work)} ({SFT_BATCH * SFT_STEPS} SFT samples x {SFT_LEN} tokens; "
-          f"GRPO {GRPO_PROMPTS} prompts x {GRPO_G} samples x {GRPO_NEW} new tokens, math reward, {args.grpo_steps} steps)")
+          f"GRPO {GRPO_PROMPTS} prompts x {GRPO_G} samples x {GRPO_NEW} new tokens, math reward, {args.grpo_steps} steps; "
+          f"GKD (JSD 0.5, off-policy, teacher 27.6M -> student 4.6M) and DPO (beta 0.1): {KD_STEPS} steps x "
+          f"{KD_BATCH} chats / pairs)")
     have_trl = importlib.util.find_spec("trl") is not None
     if not have_trl:
         print("TRL is not installed in this interpreter: ours only (BENCHMARKS.md: the bench venv)")
-    for task in ("sft", "grpo"):
+    for task in [t for t in ("sft", "grpo", "gkd", "dpo") if t in args.tasks]:
         res = {"ours": [], "trl": []}
         for _ in range(args.rounds):  # A B A B
             res["ours"].append(child(f"ours_{task}", work, args.grpo_steps, sys.executable))
             if have_trl:
                 res["trl"].append(child(f"trl_{task}", work, args.grpo_steps, sys.executable))
-        keys = ["step_s", "tok_s", "rss_mib"] if task == "sft" else ["step_s", "rollout_s", "reward_s", "train_s",
-                                                                      "gen_tok_s", "rss_mib"]
+        keys = {"sft": ["step_s", "tok_s", "rss_mib"], "gkd": ["step_s", "tok_s", "rss_mib"], "dpo": ["step_s", "rss_mib"],
+                "grpo": ["step_s", "rollout_s", "reward_s", "train_s", "gen_tok_s", "rss_mib"]}[task]
         print(f"\n{task.upper()}, median (min-max) of {args.rounds} alternated runs")
         print(f"  {'':6}" + "".join(f"{k:>22}" for k in keys))
         for who in ("ours", "trl") if have_trl else ("ours",):

@@ -299,11 +299,36 @@ def test_incompatible_teacher_and_student_are_rejected(tok):
     templ.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     with pytest.raises(ValueError, match="different chat templates"):
         D3.check_compatible(tok, templ, t_lm, t_lm, "T", "S")
-    big = M.tiny_model(tok)
-    big.resize_token_embeddings(len(tok) + 8)
-    with pytest.raises(ValueError, match="output vocabularies"):
-        D3.check_compatible(tok, M.tiny_tokenizer(), t_lm, big, "T", "S")
+    small = M.tiny_model(tok)
+    small.resize_token_embeddings(len(tok) - 1)
+    with pytest.raises(ValueError, match="output layers of"):
+        D3.check_compatible(tok, M.tiny_tokenizer(), t_lm, small, "T", "S")
     D3.check_compatible(tok, M.tiny_tokenizer(), t_lm, M.tiny_model(tok, seed=5), "T", "S")  # same: fine
+
+
+def test_padded_output_rows_are_left_out_of_the_divergence(tok):
+    """PITFALLS #17: one family, padded differently. The teacher has 8 padding rows beyond the
+    tokenizer's vocabulary (with large logits, so they would take mass); the divergence uses the
+    real rows only and equals a naive one over them."""
+    V = len(tok)
+    s_lm, t_lm = M.tiny_model(tok, seed=0), M.tiny_model(tok, seed=1)
+    t_lm.resize_token_embeddings(V + 8)
+    with torch.no_grad():
+        t_lm.get_output_embeddings().weight[V:] = 3.0
+    D3.check_compatible(tok, M.tiny_tokenizer(), t_lm, s_lm, "T", "S")  # allowed, with a note
+    b = C.collate(rows_for(tok), tok.pad_token_id)
+    kd = D3.KD(divergence="fkl", vocab=V)
+    t = D3.TeacherModel(t_lm).eval()(b["input_ids"], b["labels"], b["position_ids"], kd=kd)
+    assert t["vals"].shape[1] == V
+    with torch.no_grad():
+        got = D3.StudentModel(s_lm)(b["input_ids"], b["labels"], b["position_ids"], t_vals=t["vals"], kd=kd)["div"].sum()
+        sel = b["labels"][:, 1:] != C.IGNORE
+        zs = s_lm(input_ids=b["input_ids"], position_ids=b["position_ids"]).logits[:, :-1][sel].double()
+        zt = t_lm(input_ids=b["input_ids"], position_ids=b["position_ids"]).logits[:, :-1][sel].double()[:, :V]
+        want = naive("fkl", zs.softmax(-1), zt.softmax(-1)).sum()
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    full = D3.TeacherModel(t_lm).eval()(b["input_ids"], b["labels"], b["position_ids"], kd=D3.KD())
+    assert full["vals"].shape[1] == V + 8  # without KD.vocab the padding rows would take part
 
 
 # ----------------------------------------------------------------------------------------------

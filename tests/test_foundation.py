@@ -309,13 +309,15 @@ def test_benchmarks_run_on_the_tiny_shapes(tmp_path):
 
 
 def test_compare_bench_builds_the_same_work_and_runs_our_side(tmp_path):
-    """bench/compare.py: the fixed work is deterministic (same digest twice) and our SFT and GRPO
-    runs go through the real code paths and report their figures (TRL's side needs the bench venv)."""
+    """bench/compare.py: the fixed work is deterministic (same digest twice) and our SFT, GRPO,
+    distillation and DPO runs go through the real code paths and report their figures (TRL's side
+    needs the bench venv)."""
     sys.path.insert(0, str(ROOT / "bench"))
     import compare
     assert compare.build_work(tmp_path / "a") == compare.build_work(tmp_path / "b")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    for run in (["--run", "ours_sft"], ["--run", "ours_grpo", "--grpo_steps", "2"]):
+    for run in (["--run", "ours_sft"], ["--run", "ours_grpo", "--grpo_steps", "2"], ["--run", "ours_gkd"],
+                ["--run", "ours_dpo"]):
         res = subprocess.run([sys.executable, str(ROOT / "bench" / "compare.py"), *run, "--work", str(tmp_path / "a")],
                              cwd=tmp_path, env=env, capture_output=True, text=True)
         assert res.returncode == 0, res.stderr[-3000:]
