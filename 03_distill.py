@@ -717,20 +717,44 @@ def cache_key(samples: list[dict]) -> str:
     return h.hexdigest()[:16]
 
 
+def topk_cache_settings(kd: KD, t_id: str) -> dict:
+    return {"teacher": t_id, "top_k": kd.top_k, "tail": kd.tail, "temperature": kd.temperature}
+
+
+def read_topk_cache(path: Path, kd: KD, t_id: str) -> dict | None:
+    """The cache file if it exists, checked to be readable and made by this teacher with these
+    settings (called once at start-up, before any compute, and again when it is used)."""
+    if not path.exists():
+        return None
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file: say which and why
+        raise C.DataError(f"{path}: corrupt teacher cache ({type(e).__name__}: {e}); delete it to rebuild") from None
+    if not isinstance(blob, dict) or "header" not in blob or "vals" not in blob or "idx" not in blob:
+        raise C.DataError(f"{path}: not a teacher cache; delete it to rebuild")
+    want = topk_cache_settings(kd, t_id)
+    if {k: blob["header"].get(k) for k in want} != want:
+        raise C.DataError(f"{path}: made for {blob['header']}, this run needs {want}; delete it to rebuild")
+    return blob
+
+
+def check_caches(cfg: Config, kd: KD, t_id: str) -> None:
+    """Every cache in out_dir readable and made for this teacher and these settings, checked
+    before any compute (the sample digests are checked again when the caches are used)."""
+    out = Path(cfg.out_dir)
+    read_cache_jsonl(out / "teacher_responses.jsonl", {"teacher": t_id, "max_new_tokens": cfg.max_new_tokens})
+    if cfg.teacher_cache:
+        read_topk_cache(out / "teacher_topk.pt", kd, t_id)
+
+
 def build_topk_cache(teacher, samples: list[dict], kd: KD, cfg: Config, d, dtype, t_id: str) -> list[tuple]:
     """Per-sample teacher targets [(vals [n_i, k+tail] fp32, idx [n_i, k] int32)], computed once
     and stored in out_dir/teacher_topk.pt with the teacher id, the top-k settings and a digest of
     the exact token ids (a mismatch or a corrupt file is an error before any compute)."""
     path = Path(cfg.out_dir) / "teacher_topk.pt"
-    header = {"teacher": t_id, "top_k": kd.top_k, "tail": kd.tail, "temperature": kd.temperature,
-              "samples": cache_key(samples)}
-    if path.exists():
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unreadable file: say which and why
-            raise C.DataError(f"{path}: corrupt teacher cache ({type(e).__name__}: {e}); delete it to rebuild") from None
-        if not isinstance(blob, dict) or "header" not in blob or "vals" not in blob:
-            raise C.DataError(f"{path}: not a teacher cache; delete it to rebuild")
+    header = {**topk_cache_settings(kd, t_id), "samples": cache_key(samples)}
+    blob = read_topk_cache(path, kd, t_id)
+    if blob is not None:
         if blob["header"] != header:
             raise C.DataError(f"{path}: made for {blob['header']}, this run needs {header}; delete it to rebuild")
         if len(blob["vals"]) != len(samples) or any(v.shape[0] != n_trained(s) for v, s in zip(blob["vals"], samples)):
@@ -1214,7 +1238,7 @@ def gap_closed(start: float, end: float, teacher: float) -> float | None:
 def summarize(cfg: Config, ev: dict, info: dict, skipped: Counter, t_start: float, d) -> dict:
     s, e, t = (C.numeric(ev[k]) for k in ("start", "end", "teacher"))
     summary = {**info, "start": s, "end": e, "teacher_eval": t, "skipped": dict(skipped),
-               "kl_gap_closed": gap_closed(s["heldout_kl"], e["heldout_kl"], 0.0),
+               "kl_gap_closed": gap_closed(s["heldout_kl"], e["heldout_kl"], 0.0) if "heldout_kl" in e else None,
                "math_gap_closed": gap_closed(s.get("math_acc", 0), e.get("math_acc", 0), t.get("math_acc", 0)),
                "speedup_vs_teacher": e["gen_tok_per_s"] / t["gen_tok_per_s"] if t.get("gen_tok_per_s") else None,
                "minutes_this_process": (time.time() - t_start) / 60, "examples_end": ev["end"].get("examples", [])}
@@ -1256,6 +1280,7 @@ def main(argv=None):
     ck = M.latest_checkpoint(out_dir) if cfg.resume else None
     teacher, student, tok, info = load_models(cfg, ck, d, dtype)
     kd = dataclasses.replace(kd, vocab=len(tok))
+    check_caches(cfg, kd, info["teacher_id"])  # a stale or corrupt cache fails now, before any compute
     skipped = Counter()
     sets = load_eval_sets(cfg, tok, skipped)
     if any(t["domain"] == "code" for t in sets["code"]) or any(p.startswith("code=") for p in cfg.prompts):

@@ -419,7 +419,7 @@ def test_dual_level_run_logs_every_term_and_pairs(files, tmp_path):
     assert [r["on_policy"] for r in rows] == on                      # the seeded per-step draw, logged
 
 
-def test_topk_cache_equals_live_teacher_and_bad_caches(files, tmp_path):
+def test_topk_cache_equals_live_teacher_and_bad_caches(files, tmp_path, monkeypatch):
     extra = ["--max_steps", "2", "--top_k", "8", "--gamma", "0"]
     live = D3.main(cli(files, tmp_path / "live", *extra))
     cached = D3.main(cli(files, tmp_path / "cached", *extra, "--teacher_cache", "true"))
@@ -427,12 +427,16 @@ def test_topk_cache_equals_live_teacher_and_bad_caches(files, tmp_path):
     a = [r["loss"] for r in metrics(tmp_path / "live") if "loss" in r]
     b = [r["loss"] for r in metrics(tmp_path / "cached") if "loss" in r]
     assert a == pytest.approx(b, rel=1e-5) and live["end"]["heldout_kl"] == pytest.approx(cached["end"]["heldout_kl"], rel=1e-5)
-    # a reused cache is checked before any compute: corrupt, empty, other settings
+    # a reused cache is checked before any compute (no generation, no teacher forward): corrupt,
+    # empty, made with other settings, or by another teacher
+    def no_compute(*a, **k):
+        raise AssertionError("compute before the caches were checked")
+    monkeypatch.setattr(D3.S, "generate", no_compute)
+    monkeypatch.setattr(D3, "teacher_chunks", no_compute)
     for content, msg in ((b"not a torch file", "corrupt teacher cache"), (b"", "corrupt teacher cache")):
         out = tmp_path / f"bad{len(content)}"
         out.mkdir()
         (out / "teacher_topk.pt").write_bytes(content)
-        shutil.copy(tmp_path / "cached" / "teacher_responses.jsonl", out)
         with pytest.raises(C.DataError, match=msg):
             D3.main(cli(files, out, *extra, "--teacher_cache", "true"))
     with pytest.raises(C.DataError, match="made for"):

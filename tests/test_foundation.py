@@ -21,7 +21,7 @@ import verify as V  # noqa: E402
 from stage_scripts import load_script  # noqa: E402
 
 rl = load_script("04_rl.py", "rl04_foundation")
-SCRIPTS = ("01_cold_start_sft.py", "02_overall_sft.py", "04_rl.py")
+SCRIPTS = ("01_cold_start_sft.py", "02_overall_sft.py", "03_distill.py", "04_rl.py")
 NATIVE_BF16 = C.resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
 needs_bf16 = pytest.mark.skipif(not NATIVE_BF16, reason="this CPU has no native bf16 (no AVX512-BF16 / AMX): "
                                                         "bf16 would be emulated, ~300x slower; auto picks fp32")
@@ -215,7 +215,8 @@ def test_scripts_run_from_another_directory(tmp_path):
     for name in SCRIPTS:
         res = subprocess.run([sys.executable, str(ROOT / name), "--help"], cwd=tmp_path, env=env,
                              capture_output=True, text=True)
-        assert res.returncode == 0 and "--model" in res.stdout, res.stderr[-2000:]
+        assert res.returncode == 0 and ("--teacher" if name == "03_distill.py" else "--model") in res.stdout, \
+            res.stderr[-2000:]
     tiny = ["--model", "tiny", "--precision", "fp32", "--device", "cpu"]
     runs = {
         "01_cold_start_sft.py": ["--objective", "plain", "--max_steps", "1", "--eval_limit", "1", "--eval_code_limit", "0",
@@ -224,9 +225,13 @@ def test_scripts_run_from_another_directory(tmp_path):
                               "--agent_max_new_tokens", "2", "--math_max_new_tokens", "2", "--max_len", "2048"],
         "04_rl.py": ["--stages", "stem:data/math_train.jsonl:1", "--eval_limit", "1", "--eval_max_new_tokens", "2",
                      "--max_new_tokens", "2", "--eval_kinds", "stem", "--resume", "false"],
+        "03_distill.py": ["--student_layers", "1", "--max_steps", "1", "--prompt_limit", "4", "--eval_limit", "1",
+                          "--code_eval_limit", "1", "--kl_limit", "1", "--max_new_tokens", "4", "--pref_prompts", "2",
+                          "--speed_batch", "2", "--speed_tokens", "2", "--max_prompt_len", "300", "--max_len", "400"],
     }
     for name, args in runs.items():
-        res = subprocess.run([sys.executable, str(ROOT / name), *tiny, "--out_dir", str(tmp_path / name), *args],
+        model = ["--teacher", "tiny"] if name == "03_distill.py" else ["--model", "tiny"]
+        res = subprocess.run([sys.executable, str(ROOT / name), *model, *tiny[2:], "--out_dir", str(tmp_path / name), *args],
                              cwd=tmp_path, env=env, capture_output=True, text=True)
         assert res.returncode == 0, f"{name}:\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
         assert (tmp_path / name / "final" / "config.json").exists(), name
