@@ -1,0 +1,184 @@
+"""
+pipeline.py: the main job. Runs stage 1 -> 2 -> 3 -> 4, each on the previous stage's final/, and
+writes report.md with plots (matplotlib) into --out_dir.
+
+    python pipeline.py                                # embedded SmolLM2-135M, generated data, defaults
+    NPROC=2 python pipeline.py --device cpu           # each stage under torchrun (FSDP2), 2 processes
+    python pipeline.py --stage3 "--gamma 0"           # extra flags for one stage (shlex-split)
+    python pipeline.py --report_only true             # rewrite report.md from finished stages
+
+Started again with the same command, it continues where it stopped: a stage whose final/ exists is
+skipped; an unfinished one is started again with the same --out_dir, so it resumes from its newest
+checkpoint (each stage's --save_every, e.g. --stage1 "--save_every 10"). Wall times are kept in
+out_dir/timings.json (a resumed stage adds the time of each attempt).
+
+Stage by stage: 01_cold_start_sft.py (from the embedded model or --model), 02_overall_sft.py
+--model <stage 1>/final, 03_distill.py --teacher <stage 2>/final (student: its 15-layer copy),
+04_rl.py --model <stage 3>/final. Nothing clever: it builds four command lines and runs them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import common as C
+import models as M
+
+ROOT = Path(__file__).resolve().parent
+STAGES = (  # (name, script, flag that takes the previous stage's final/)
+    ("1_cold_start_sft", "01_cold_start_sft.py", "--model"),
+    ("2_overall_sft", "02_overall_sft.py", "--model"),
+    ("3_distill", "03_distill.py", "--teacher"),
+    ("4_rl", "04_rl.py", "--model"),
+)
+
+
+@dataclass
+class Config:
+    out_dir: str = C.arg("runs/pipeline", "one directory per stage inside it, plus report.md and plots/")
+    model: str = C.arg(M.EMBEDDED, "the starting model of stage 1")
+    device: str = C.arg("auto", "passed to every stage (auto | cpu | cuda)")
+    nproc: int = C.arg(int(os.environ.get("NPROC", "1")), "processes per stage: > 1 runs each under torchrun "
+                                                           "(default: $NPROC, else 1)")
+    stage1: str = C.arg("", "extra flags for stage 1 (one string, shlex-split)")
+    stage2: str = C.arg("", "extra flags for stage 2")
+    stage3: str = C.arg("", "extra flags for stage 3")
+    stage4: str = C.arg("", "extra flags for stage 4")
+    report_only: bool = C.arg(False, "only (re)write the report from the stages that finished")
+
+
+def command(cfg: Config, i: int, prev: str) -> list[str]:
+    name, script, flag = STAGES[i]
+    launch = [sys.executable] if cfg.nproc <= 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cfg.nproc)]
+    extra = shlex.split([cfg.stage1, cfg.stage2, cfg.stage3, cfg.stage4][i])
+    return launch + [str(ROOT / script), flag, prev, "--out_dir", str(Path(cfg.out_dir) / name),
+                     "--device", cfg.device, *extra]
+
+
+def run_stages(cfg: Config) -> dict:
+    """Run what is not finished yet; returns {stage name: minutes} (all attempts added up)."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tfile = out / "timings.json"
+    timings = json.loads(tfile.read_text()) if tfile.exists() else {}
+    prev = cfg.model
+    for i, (name, script, _) in enumerate(STAGES):
+        final = out / name / "final"
+        if (final / "config.json").exists():
+            print(f"[pipeline] {name}: done ({final}), skipped", flush=True)
+        else:
+            cmd = command(cfg, i, prev)
+            print(f"[pipeline] {name}: {shlex.join(cmd)}", flush=True)
+            t0 = time.time()
+            env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")) if cfg.nproc > 1 else None
+            rc = subprocess.run(cmd, cwd=ROOT, env=env).returncode
+            timings[name] = timings.get(name, 0.0) + (time.time() - t0) / 60
+            tfile.write_text(json.dumps(timings, indent=1))
+            if rc != 0:
+                raise SystemExit(f"[pipeline] {name} failed (exit {rc}); fix it and run the same command again "
+                                 f"to continue from here")
+        prev = str(final)
+    return timings
+
+
+# ----------------------------------------------------------------------------------------------
+# The report: what each stage exists to move, before and after, and training curves
+
+
+def read_json(p: Path):
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def read_metrics(p: Path) -> list[dict]:
+    return [json.loads(x) for x in p.read_text().splitlines() if x.strip()] if p.exists() else []
+
+
+def fmt(v) -> str:
+    return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def stage_rows(out: Path) -> list[tuple[str, str, object, object]]:
+    """(stage, metric, before, after) for the metric each stage exists to move (held-out data)."""
+    rows = []
+    s1 = read_json(out / "1_cold_start_sft" / "eval_summary.json")
+    if s1:
+        for k in ("math_acc", "math_acc_first", "math_with_verification", "math_verdict_acc", "code_acc", "heldout_loss"):
+            rows.append(("1 cold-start SFT", k, s1["start"].get(k), s1["end"].get(k)))
+    s2 = read_json(out / "2_overall_sft" / "eval_summary.json")
+    if s2:
+        for k in ("agent_valid", "agent_success", "math_acc", "loss_chat", "loss_agent", "loss_reasoning"):
+            rows.append(("2 overall SFT", k, s2["start"].get(k), s2["end"].get(k)))
+    s3 = read_json(out / "3_distill" / "eval_summary.json")
+    if s3:
+        for k in ("heldout_kl", "math_acc", "math_with_verification", "code_acc", "gen_tok_per_s"):
+            rows.append(("3 distill (student)", k, s3["start"].get(k), s3["end"].get(k)))
+        rows.append(("3 distill", "teacher math_acc", s3["teacher_eval"].get("math_acc"), None))
+        rows.append(("3 distill", "student speed-up vs teacher", None, s3.get("speedup_vs_teacher")))
+    s4 = read_json(out / "4_rl" / "summary.json")
+    if s4:
+        for k in ("math_acc", "code_pass"):
+            rows.append(("4 RL", k, s4[0].get(k), s4[-1].get(k)))
+    return rows
+
+
+def plot_curves(out: Path) -> list[str]:
+    """One PNG per stage: its training curves from metrics.jsonl. Returns the file names."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots = out / "plots"
+    plots.mkdir(exist_ok=True)
+    panels = {"1_cold_start_sft": ["loss"], "2_overall_sft": ["loss"],
+              "3_distill": ["loss", "kd_div", "seqkd_ce", "eval_heldout_kl"],
+              "4_rl": ["reward_mean", "kl_k3", "entropy", "resp_len_mean"]}
+    names = []
+    for stage, keys in panels.items():
+        rows = read_metrics(out / stage / "metrics.jsonl")
+        keys = [k for k in keys if any(k in r for r in rows)]
+        if not keys:
+            continue
+        fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
+        for ax, k in zip(axes[0], keys):
+            pts = [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 40 else None)
+            ax.set_title(k)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+        fig.suptitle(stage)
+        fig.tight_layout()
+        fig.savefig(plots / f"{stage}.png", dpi=90)
+        plt.close(fig)
+        names.append(f"plots/{stage}.png")
+    return names
+
+
+def write_report(out: Path, timings: dict) -> Path:
+    lines = ["# Pipeline report", "", f"Output: `{out}`. Held-out data, greedy decoding; before = the stage's "
+             "input model, after = its output.", "", "| stage | metric | before | after |", "|---|---|---|---|"]
+    lines += [f"| {s} | {k} | {fmt(a)} | {fmt(b)} |" for s, k, a, b in stage_rows(out)]
+    lines += ["", "| stage | wall time (min) |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
+    lines += [f"| total | {sum(timings.values()):.1f} |", "", "## Training curves", ""]
+    lines += [f"![{p}]({p})" for p in plot_curves(out)]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main(argv=None):
+    cfg = C.parse_config(Config, argv)
+    out = Path(cfg.out_dir)
+    timings = (read_json(out / "timings.json") or {}) if cfg.report_only else run_stages(cfg)
+    print(f"[pipeline] report: {write_report(out, timings)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
