@@ -726,10 +726,13 @@ def evaluate(policy, tok, cfg: Config, sets: dict, run_tool, d, dtype, full: boo
             rows = sets["math"][r::W]
             prompts = [C.chat_prompt_ids(tok, [{"role": "user", "content": q["question"]}]) for q in rows]
             texts = S.generate_texts(policy, tok, prompts, cfg.math_max_new_tokens, cfg.eval_batch_size, d, dtype)
-            scores = [V.score_math(t, str(q["answer"]), prompt=q["question"]) for t, q in zip(texts, rows)]
+            steps = [V.split_trajectory(t) for t in texts]  # a reflective answer: grade its LAST attempt
+            scores = [V.score_math(st[-1]["attempt"], str(q["answer"]), prompt=q["question"])
+                      for st, q in zip(steps, rows)]
             sums["math_n"] = len(rows)
             sums["math_correct"] = sum(s for s, _ in scores)
             sums["math_answered"] = sum(info["reason"] in ("correct", "wrong") for _, info in scores)
+            sums["math_verification"] = sum(any(x["verification"] is not None for x in st) for st in steps)
             examples += [f"Q: {rows[0]['question']}\nA: {texts[0]}"] if rows else []
     tot = C.all_reduce_dict(sums, d)
     out = {}
@@ -741,7 +744,8 @@ def evaluate(policy, tok, cfg: Config, sets: dict, run_tool, d, dtype, full: boo
                    agent_tool_error=tot["agent_tool_error"] / n, agent_success=tot["agent_success"] / n)
     if "math_n" in tot and tot["math_n"]:
         n = tot["math_n"]
-        out.update(math_n=int(n), math_acc=tot["math_correct"] / n, math_answered=tot["math_answered"] / n)
+        out.update(math_n=int(n), math_acc=tot["math_correct"] / n, math_answered=tot["math_answered"] / n,
+                   math_with_verification=tot["math_verification"] / n)
     out["examples"] = examples  # rank 0's first transcripts, for reading
     policy.train(was_training)
     return out

@@ -13,7 +13,8 @@ checkpoint (each stage's --save_every, e.g. --stage1 "--save_every 10"). Wall ti
 out_dir/timings.json (a resumed stage adds the time of each attempt).
 
 Stage by stage: 01_cold_start_sft.py (from the embedded model or --model), 02_overall_sft.py
---model <stage 1>/final, 03_distill.py --teacher <stage 2>/final (student: its 15-layer copy),
+--model <stage 1>/final (with --reflective_weight w, stage 1's S2R trajectories join its mixture),
+03_distill.py --teacher <stage 2>/final (student: its 15-layer copy),
 04_rl.py --model <stage 3>/final. Nothing clever: it builds four command lines and runs them.
 """
 from __future__ import annotations
@@ -50,6 +51,8 @@ class Config:
     stage2: str = C.arg("", "extra flags for stage 2")
     stage3: str = C.arg("", "extra flags for stage 3")
     stage4: str = C.arg("", "extra flags for stage 4")
+    reflective_weight: float = C.arg(0.0, "stage 2's mixture weight of stage 1's S2R trajectories added to its "
+                                          "default sources (0 = off; measured at 1: see the README)")
     report_only: bool = C.arg(False, "only (re)write the report from the stages that finished")
 
 
@@ -58,8 +61,13 @@ def command(cfg: Config, i: int, prev: str) -> list[str]:
     launch = [sys.executable] if cfg.nproc <= 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cfg.nproc)]
     extra = shlex.split([cfg.stage1, cfg.stage2, cfg.stage3, cfg.stage4][i])
+    carry = []
+    s2r = Path(cfg.out_dir) / STAGES[0][0] / "trajectories.jsonl"
+    if i == 1 and cfg.reflective_weight > 0 and s2r.exists():  # keep stage 1's format in stage 2's mixture
+        carry = ["--data", "chat=data/chat_train.jsonl:1", "agent=data/agent_train.jsonl:1",
+                 "reasoning=data/math_train.jsonl:1", f"reflective={s2r}:{cfg.reflective_weight}"]
     return launch + [str(ROOT / script), flag, prev, "--out_dir", str(Path(cfg.out_dir) / name),
-                     "--device", cfg.device, *extra]
+                     "--device", cfg.device, *carry, *extra]
 
 
 def run_stages(cfg: Config) -> dict:
@@ -113,7 +121,8 @@ def stage_rows(out: Path) -> list[tuple[str, str, object, object]]:
             rows.append(("1 cold-start SFT", k, s1["start"].get(k), s1["end"].get(k)))
     s2 = read_json(out / "2_overall_sft" / "eval_summary.json")
     if s2:
-        for k in ("agent_valid", "agent_success", "math_acc", "loss_chat", "loss_agent", "loss_reasoning"):
+        for k in ("agent_valid", "agent_success", "math_acc", "math_with_verification", "loss_chat", "loss_agent",
+                  "loss_reasoning", "loss_reflective"):
             rows.append(("2 overall SFT", k, s2["start"].get(k), s2["end"].get(k)))
     s3 = read_json(out / "3_distill" / "eval_summary.json")
     if s3:

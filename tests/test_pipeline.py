@@ -62,3 +62,16 @@ def test_pipeline_chains_stages_writes_report_and_continues(tmp_path, capsys):
 def test_a_failing_stage_stops_the_pipeline_with_a_clear_message(tmp_path):
     with pytest.raises(SystemExit, match="1_cold_start_sft failed"):
         pipeline.main(args(tmp_path / "bad", stage1="--no_such_flag 1"))
+
+
+def test_reflective_trajectories_join_stage_2_only_when_asked(tmp_path):
+    s2r = tmp_path / "1_cold_start_sft" / "trajectories.jsonl"
+    s2r.parent.mkdir()
+    s2r.write_text("")
+    cfg = pipeline.C.parse_config(pipeline.Config, ["--out_dir", str(tmp_path), "--reflective_weight", "2",
+                                                    "--stage2", "--max_steps 3"])
+    cmd = pipeline.command(cfg, 1, "prev/final")
+    assert f"reflective={s2r}:2.0" in cmd and cmd.index("--data") < cmd.index("--max_steps")
+    assert "--data" not in pipeline.command(cfg, 2, "x")                 # stage 3: not touched
+    off = pipeline.C.parse_config(pipeline.Config, ["--out_dir", str(tmp_path)])
+    assert "--data" not in pipeline.command(off, 1, "prev/final")        # default: stage 2's own mixture
