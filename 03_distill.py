@@ -629,19 +629,9 @@ def n_trained(sample: dict) -> int:
 
 
 def pack_groups(samples: list[dict], max_len: int) -> tuple[list[dict], list[list[int]]]:
-    """C.pack_rows plus which samples went into each row (the same first-fit walk), so per-sample
-    teacher targets can be concatenated in row order."""
-    rows = C.pack_rows(samples, max_len, True)
-    groups, cur = [], 0
-    for i, s in enumerate(samples):
-        n = len(s["input_ids"])
-        if not groups or cur + n > max_len:
-            groups.append([])
-            cur = 0
-        groups[-1].append(i)
-        cur += n
-    assert [sum(len(samples[i]["input_ids"]) for i in g) for g in groups] == [len(r["input_ids"]) for r in rows]
-    return rows, groups
+    """C.pack_rows plus which samples went into each row (C.pack_plan, the plan pack_rows follows),
+    so per-sample teacher targets can be concatenated in row order."""
+    return C.pack_rows(samples, max_len, True), C.pack_plan([len(s["input_ids"]) for s in samples], max_len, True)
 
 
 def read_cache_jsonl(path: Path, header: dict) -> dict | None:
@@ -753,9 +743,9 @@ def build_topk_cache(teacher, samples: list[dict], kd: KD, cfg: Config, d, dtype
     the exact token ids (a mismatch or a corrupt file is an error before any compute)."""
     path = Path(cfg.out_dir) / "teacher_topk.pt"
     header = {**topk_cache_settings(kd, t_id), "samples": cache_key(samples)}
-    blob = read_topk_cache(path, kd, t_id)
+    blob = read_topk_cache(path, kd, t_id)  # teacher and settings checked there; the samples here
     if blob is not None:
-        if blob["header"] != header:
+        if blob["header"].get("samples") != header["samples"]:
             raise C.DataError(f"{path}: made for {blob['header']}, this run needs {header}; delete it to rebuild")
         if len(blob["vals"]) != len(samples) or any(v.shape[0] != n_trained(s) for v, s in zip(blob["vals"], samples)):
             raise C.DataError(f"{path}: its targets do not match the samples; delete it to rebuild")
@@ -1032,15 +1022,13 @@ def on_policy_samples(student, tok, tasks: list[dict], cfg: Config, d, dtype, st
     share tasks[rank::W] with a (seed, step, rank) generator; gathered back into task order."""
     mine = list(range(d.rank, len(tasks), d.world_size))
     out = []
-    if mine:
-        gen = torch.Generator(device=d.device).manual_seed(C.seed_for(cfg.seed, 3, 2, step, d.rank))
-        with S.gathered_for_generation(student), S.sampling_model(student, d, dtype) as m:
-            g = S.generate(m, [tasks[i]["prompt_ids"] for i in mine], cfg.max_new_tokens, tok.eos_token_id,
-                           tok.pad_token_id, temperature=cfg.sample_temperature, generator=gen)
-        out = [(i, ids_sample(tasks[i]["prompt_ids"], g.response_ids(j))) for j, i in enumerate(mine)]
-    else:
-        with S.gathered_for_generation(student):
-            pass  # every rank enters and leaves the gather together
+    with S.gathered_for_generation(student):  # collective: every rank enters, with or without prompts
+        if mine:
+            gen = torch.Generator(device=d.device).manual_seed(C.seed_for(cfg.seed, 3, 2, step, d.rank))
+            with S.sampling_model(student, d, dtype) as m:
+                g = S.generate(m, [tasks[i]["prompt_ids"] for i in mine], cfg.max_new_tokens, tok.eos_token_id,
+                               tok.pad_token_id, temperature=cfg.sample_temperature, generator=gen)
+            out = [(i, ids_sample(tasks[i]["prompt_ids"], g.response_ids(j))) for j, i in enumerate(mine)]
     return [s for _, s in sorted(C.gather_objects(out, d), key=lambda x: x[0])]
 
 
@@ -1084,7 +1072,10 @@ def evaluate(model, tok, cfg: Config, sets: dict, d, dtype) -> dict:
         speed = generation_speed(model, [t["prompt_ids"] for t in tasks][:cfg.speed_batch], cfg, d, dtype)
     attempts = [V.split_trajectory(x) for x in texts]
     last = verifier_scores([(t, st[-1]["attempt"]) for t, st in zip(tasks, attempts)], cfg)
-    first = verifier_scores([(t, st[0]["attempt"]) for t, st in zip(tasks, attempts)], cfg)
+    first = list(last)  # one attempt: the first is the last, graded once
+    multi = [i for i, st in enumerate(attempts) if len(st) > 1]
+    for i, sc in zip(multi, verifier_scores([(tasks[i], attempts[i][0]["attempt"]) for i in multi], cfg)):
+        first[i] = sc
     sums = Counter()
     for t, st, a, b in zip(tasks, attempts, last, first):
         dom = t["domain"]

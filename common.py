@@ -7,7 +7,7 @@ Read top to bottom:
                        `all_reduce_sum`, `all_reduce_dict`, `gather_objects` (device-safe)
   precision            `resolve_dtype`: bf16 where the hardware does it natively, fp32 elsewhere
   FSDP2                `shard_model`: fully_shard per decoder layer, then the root
-  data                 `read_jsonl`, `tokenize_chat`, `show_masked`, `pack_rows`, `collate`
+  data                 `read_jsonl`, `tokenize_chat`, `show_masked`, `pack_plan` / `pack_rows`, `collate`
   SFT step             `sft_step`: one optimizer step of masked CE over global rows (stages 1-3)
   logging              `MetricsLogger`: metrics.jsonl, tqdm on rank 0, optional wandb
 Beside it: models.py (the model in, its per-token log-probs, the model out: loading, LogProbModel,
@@ -410,26 +410,36 @@ def fit_length(samples: list[dict], max_len: int, policy: str = "drop") -> tuple
     return kept, n
 
 
-def pack_rows(samples: list[dict], max_len: int, packing: bool = True) -> list[dict]:
-    """Samples -> rows of at most max_len tokens with per-sample position ids.
-
-    packing=True: greedy first-fit in the given order; each sample restarts its position ids at 0,
-    which the HF attention mask builder turns into a block-diagonal causal mask, so packed samples
-    never see each other (PITFALLS #13). packing=False: one sample per row.
-    """
-    rows, cur = [], None
-    for s in samples:
-        n = len(s["input_ids"])
+def pack_plan(lengths: list[int], max_len: int, packing: bool = True) -> list[list[int]]:
+    """Which samples go into each row: greedy first-fit in the given order (packing=False: one
+    sample per row). pack_rows builds its rows from this; stage 3 uses it to keep per-sample data."""
+    groups, cur = [], 0
+    for i, n in enumerate(lengths):
         if n > max_len:
             raise ValueError(f"sample of {n} tokens > max_len {max_len}: call fit_length first")
-        if cur is None or not packing or len(cur["input_ids"]) + n > max_len:
-            cur = {"input_ids": [], "labels": [], "position_ids": []}
-            rows.append(cur)
-        cur["input_ids"] += s["input_ids"]
-        # a sample's first token has no prefix: never trained (packed, it would be "predicted"
-        # from the previous sample's last token, a cross-sample leak the mask cannot block)
-        cur["labels"] += [IGNORE] + s["labels"][1:] if n else []
-        cur["position_ids"] += list(range(n))
+        if not groups or not packing or cur + n > max_len:
+            groups.append([])
+            cur = 0
+        groups[-1].append(i)
+        cur += n
+    return groups
+
+
+def pack_rows(samples: list[dict], max_len: int, packing: bool = True) -> list[dict]:
+    """Samples -> rows of at most max_len tokens (pack_plan) with per-sample position ids. Each
+    sample restarts its position ids at 0, which the HF attention mask builder turns into a
+    block-diagonal causal mask, so packed samples never see each other (PITFALLS #13)."""
+    rows = []
+    for group in pack_plan([len(s["input_ids"]) for s in samples], max_len, packing):
+        row = {"input_ids": [], "labels": [], "position_ids": []}
+        for s in (samples[i] for i in group):
+            n = len(s["input_ids"])
+            row["input_ids"] += s["input_ids"]
+            # a sample's first token has no prefix: never trained (packed, it would be "predicted"
+            # from the previous sample's last token, a cross-sample leak the mask cannot block)
+            row["labels"] += [IGNORE] + s["labels"][1:] if n else []
+            row["position_ids"] += list(range(n))
+        rows.append(row)
     return rows
 
 

@@ -19,8 +19,6 @@ between naive and chunked (loss and gradients). It asserts nothing: it is a benc
     python bench/distill_memory.py --device cuda
 """
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -121,21 +119,15 @@ def main(argv=None):
     res = {}
     with tempfile.TemporaryDirectory() as tmp:
         for method in ("naive", "chunked", "topk"):
-            args = [f"--{k}={v}" for k, v in vars(cfg).items() if k not in ("method", "save")]
-            cmd = [sys.executable, __file__, *args, f"--method={method}", f"--save={tmp}/{method}.pt"]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
-            if proc.returncode != 0:
-                print(f"{method}: failed (exit {proc.returncode}; out of memory?)\n{proc.stderr[-2000:]}")
+            r = LM.run_method(__file__, cfg, method, f"{tmp}/{method}.pt")
+            if r is None:
                 continue
-            res[method] = json.loads(proc.stdout.strip().splitlines()[-1])
-            r = res[method]
+            res[method] = r
             print(f"{method:>8}: peak {r['peak_bytes'] / gib:6.3f} GiB over the inputs, forward+backward "
                   f"{r['seconds']:.1f} s" + ("" if r.get("hwm_reset", True) else " (peak reset unavailable)"), flush=True)
         if "naive" in res and "chunked" in res:
             a, b = torch.load(f"{tmp}/naive.pt"), torch.load(f"{tmp}/chunked.pt")
-            for k in ("loss", "grad_hidden", "grad_weight"):
-                diff = (a[k].double() - b[k].double()).abs().max().item()
-                print(f"  max |naive - chunked| {k:<12} {diff:.2e}  (max |value| {a[k].abs().max().item():.2e})")
+            LM.print_max_diffs(a, b, ("loss", "grad_hidden", "grad_weight"), "naive - chunked")
             for m in ("chunked", "topk"):
                 if m in res:
                     print(f"  naive / {m} peak: {res['naive']['peak_bytes'] / max(res[m]['peak_bytes'], 1):.1f}x")

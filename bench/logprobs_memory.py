@@ -130,6 +130,24 @@ def run_child(cfg: Config) -> dict:
 # Parent: one fresh process per method, then compare
 
 
+def run_method(script: str, cfg, method: str, save: str) -> dict | None:
+    """Run `script --method=method` with cfg's other fields as flags in a fresh process (its peak
+    RSS is its own); its last stdout line is a JSON dict. None (the failure printed) if it failed."""
+    args = [f"--{k}={v}" for k, v in vars(cfg).items() if k not in ("method", "save")]
+    proc = subprocess.run([sys.executable, script, *args, f"--method={method}", f"--save={save}"],
+                          capture_output=True, text=True, env={**os.environ})
+    if proc.returncode != 0:
+        print(f"{method}: failed (exit {proc.returncode}; out of memory?)\n{proc.stderr[-2000:]}")
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def print_max_diffs(a: dict, b: dict, keys: tuple, label: str) -> None:
+    for k in keys:
+        diff = (a[k].double() - b[k].double()).abs().max().item()
+        print(f"  max |{label}| {k:<12} {diff:.2e}  (max |value| {a[k].abs().max().item():.2e})")
+
+
 def main(argv=None):
     cfg = C.parse_config(Config, argv)
     if cfg.method != "both":
@@ -142,14 +160,10 @@ def main(argv=None):
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for method in ("naive", "selective"):
-            args = [f"--{k}={v}" for k, v in vars(cfg).items() if k not in ("method", "save")]
-            cmd = [sys.executable, __file__, *args, f"--method={method}", f"--save={tmp}/{method}.pt"]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
-            if proc.returncode != 0:
-                print(f"{method}: failed (exit {proc.returncode}; out of memory?)\n{proc.stderr[-2000:]}")
+            r = run_method(__file__, cfg, method, f"{tmp}/{method}.pt")
+            if r is None:
                 return
-            results[method] = json.loads(proc.stdout.strip().splitlines()[-1])
-            r = results[method]
+            results[method] = r
             extra = ""
             if "ru_maxrss_delta_bytes" in r:
                 extra = f"  (ru_maxrss delta {r['ru_maxrss_delta_bytes'] / gib:.3f} GiB" + \
@@ -159,9 +173,7 @@ def main(argv=None):
         a, b = torch.load(f"{tmp}/naive.pt"), torch.load(f"{tmp}/selective.pt")
     ratio = results["naive"]["peak_bytes"] / max(results["selective"]["peak_bytes"], 1)
     print(f"    ratio: naive / selective peak = {ratio:.1f}x")
-    for k in ("logp", "grad_hidden", "grad_weight"):
-        diff = (a[k].double() - b[k].double()).abs().max().item()
-        print(f"  max |naive - selective| {k:<12} {diff:.2e}  (max |value| {a[k].abs().max().item():.2e})")
+    print_max_diffs(a, b, ("logp", "grad_hidden", "grad_weight"), "naive - selective")
 
 
 if __name__ == "__main__":
