@@ -24,11 +24,15 @@ Modes (`--mode`)
          model's own wrong samples (too few: a perturbed reference solution with a wrong final
          answer, counted); the final attempt is a model sample graded correct when there is one,
          else the dataset's reference solution (counted). Writes `--trajectories` (chat JSONL).
-         Budget extension (not in S2R): on CPU, sampling from the 135M model was ~2x slower per
-         token than training on it (measured), so `--unsampled_*_questions` further questions get trajectories
-         WITHOUT sampling: pass rate unknown (null), bucket `--unsampled_bucket`, wrong attempts =
-         perturbed references (near misses: the last step's result changed), final = reference.
-         Set them to 0 for the pure recipe. Each JSONL row says "sampled": true / false.
+         Defaults: the faithful recipe, K = 8 for 192 math questions and 8 code tasks. The K
+         attempts are sampled with `--sample_instruction` after the question (the trajectory keeps
+         the bare question): without it the embedded model rarely states a final answer in 64
+         tokens, and a wrong attempt's verification then only says "never states a final answer"
+         (measured: 164 of 179 wrong attempts; with the instruction 19 of 35).
+         Budget extension (not in S2R, off by default): `--unsampled_*_questions` further questions
+         get trajectories WITHOUT sampling: pass rate unknown (null), bucket `--unsampled_bucket`,
+         wrong attempts = perturbed references (near misses: the last step's result changed),
+         final = reference. Each JSONL row says "sampled": true / false.
   train  (default) SFT; with --objective reflective and no trajectories file, runs build first.
   eval   held-out eval of --model only.
 
@@ -69,9 +73,12 @@ One optimizer step (mirrored by `# step N` comments in the loop)
   Steps 2-4 are the shared C.sft_step (stages 1, 2 and 3 train through it).
 
 Eval (before training and at the end; every --eval_every steps a cheap held-out loss): greedy
-accuracy of the FINAL attempt on held-out math (stratified over difficulty) and code, accuracy of
-the first attempt, fraction of responses with a verification, and how often a verdict matches the
-real correctness of the attempt it checks. Prompts are sharded over ranks, counts all-reduced.
+accuracy of the FINAL attempt on held-out math (stratified over difficulty), on the transfer split
+(`--math_transfer`: kinds and phrasings of math that no training file has; `transfer_*`) and on
+code, accuracy of the first attempt, fraction of responses with a verification, and how often a
+verdict matches the real correctness of the attempt it checks (`*_verdict_acc`, beside
+`*_verdict_always_correct`: what a verifier that always says "correct" would score on the same
+attempts). Prompts are sharded over ranks, counts all-reduced.
 
 Deliberate simplifications
   * K is small and the policy is tiny, so most pass rates are 0 or 1/K: buckets are coarse.
@@ -131,21 +138,25 @@ class Config:
     code_train: str = C.arg("data/code_train.jsonl", "code tasks {prompt, tests, entry_point, solution}")
     math_test: str = C.arg("data/math_test.jsonl", "held-out math questions")
     code_test: str = C.arg("data/code_test.jsonl", "held-out code tasks")
+    math_transfer: str = C.arg("data/math_transfer.jsonl", "held-out math of kinds and phrasings that no training "
+                               "file has (the transfer split; '' = none)")
     train_difficulties: list[int] = C.arg([1, 2, 3], "dataset difficulty levels (1-5) used for build / plain / cot")
     system_prompt: str = C.arg("", "system message ('' = the chat template's default)")
     math_instruction: str = C.arg("", "text appended to every math question (train and eval); '' = none")
     # build (S2R stage 0)
     trajectories: str = C.arg("", "trajectories JSONL ('' = out_dir/trajectories.jsonl); built if missing")
-    build_math_questions: int = C.arg(32, "math questions sampled for trajectories (0 = none)")
-    build_code_questions: int = C.arg(4, "code tasks sampled for trajectories (0 = none)")
-    unsampled_math_questions: int = C.arg(64, "extra math questions NOT sampled (cheap): perturbed-reference "
-                                          "wrong attempts, reference final attempt (see docstring)")
-    unsampled_code_questions: int = C.arg(8, "extra code tasks not sampled (mutated-reference wrong attempts)")
+    build_math_questions: int = C.arg(192, "math questions sampled for trajectories (0 = none)")
+    build_code_questions: int = C.arg(8, "code tasks sampled for trajectories (0 = none)")
+    unsampled_math_questions: int = C.arg(0, "extra math questions NOT sampled (cheap): perturbed-reference "
+                                         "wrong attempts, reference final attempt (see docstring)")
+    unsampled_code_questions: int = C.arg(0, "extra code tasks not sampled (mutated-reference wrong attempts)")
     unsampled_bucket: int = C.arg(1, "difficulty bucket whose attempts distribution the unsampled questions use")
-    k_samples: int = C.arg(2, "K: responses sampled per question to estimate its pass rate")
+    k_samples: int = C.arg(8, "K: responses sampled per question to estimate its pass rate")
     sample_temperature: float = C.arg(0.7, "temperature of the K samples")
     sample_max_new_tokens: int = C.arg(64, "max new tokens per sampled response")
-    sample_batch_size: int = C.arg(32, "prompts per generate call while sampling")
+    sample_batch_size: int = C.arg(64, "prompts per generate call while sampling")
+    sample_instruction: str = C.arg(" Finish with 'The answer is X.'", "appended to a math question only when "
+                                    "the K attempts are sampled (not in the trajectories): see the docstring")
     difficulty_edges: list[float] = C.arg([0.5, 0.0], "pass-rate edges: bucket = #{e : pass_rate <= e}")
     attempts_by_difficulty: str = C.arg("0:0.8,1:0.2;0:0.5,1:0.5;0:0.3,1:0.5,2:0.2",
                                         "per bucket (easy first, ';'-separated): n_failed:prob,...")
@@ -177,9 +188,10 @@ class Config:
     # eval
     eval_limit: int = C.arg(40, "held-out math questions (stratified over difficulty); 0 = none")
     eval_code_limit: int = C.arg(6, "held-out code tasks; 0 = none")
+    eval_transfer_limit: int = C.arg(40, "transfer-split math questions (stratified over difficulty); 0 = none")
     eval_difficulties: list[int] = C.arg([1, 2, 3, 4, 5], "difficulty levels of the held-out questions")
     eval_max_new_tokens: int = C.arg(128, "max new tokens per eval response (greedy)")
-    eval_batch_size: int = C.arg(23, "prompts per generate call during eval")
+    eval_batch_size: int = C.arg(48, "prompts per generate call during eval")
     eval_loss_limit: int = C.arg(16, "held-out samples for the teacher-forced loss")
     eval_every: int = C.arg(0, "held-out loss every N steps (0 = only start / end, with the full eval)")
 
@@ -285,14 +297,27 @@ def code_grades(pairs: list[tuple[dict, str]], cfg) -> dict:
             for (t, x), (r, info) in zip(pairs, res)}
 
 
-def safe_grade(grader, task: dict, text: str, timeout_s: float) -> tuple[bool | None, dict]:
-    """(ok, info), or (None, {"reason": "verifier_timeout" | "verifier_error: ..."}): the grader
-    runs under V.call_with_timeout (a forked child, killed on time-out; safe from any thread)."""
-    res, status, err = V.call_with_timeout(grader, task, text, timeout_s=timeout_s)
+def as_grade(res, status: str, err) -> tuple[bool | None, dict]:
+    """A guarded grader call's (value, status, error) -> (ok, info), or (None, {"reason":
+    "verifier_timeout" | "verifier_error: ..."})."""
     if status != "ok":
         return None, {"reason": "verifier_timeout" if status == "timeout" else f"verifier_error: {err}"}
     ok, info = res
     return bool(ok), dict(info)
+
+
+def safe_grade(grader, task: dict, text: str, timeout_s: float) -> tuple[bool | None, dict]:
+    """The grader under V.call_with_timeout (a forked child, killed on time-out; safe from any thread)."""
+    return as_grade(*V.call_with_timeout(grader, task, text, timeout_s=timeout_s))
+
+
+def math_grades(pairs: list[tuple[dict, str]], cfg, grader) -> dict:
+    """{(prompt, text): (ok | None, info)} for the math (task, attempt) pairs: the same results as
+    safe_grade one by one, but all in ONE guarded child (V.map_with_timeout; a fresh child only
+    after a hang). One fork of the 135M-model process per answer cost more than the grading."""
+    pairs = list({(t["prompt"], x): (t, x) for t, x in pairs if t["domain"] == "math"}.values())
+    res = V.map_with_timeout(lambda t, x: grader(t, x, cfg.code_timeout_s), pairs, cfg.verifier_timeout_s)
+    return {(t["prompt"], x): as_grade(*r) for (t, x), r in zip(pairs, res)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -568,6 +593,11 @@ def reference_trajectory(task: dict, style: str, rng: np.random.Generator, grade
 # Stage 0: build trajectories
 
 
+def sampling_task(task: dict, instruction: str) -> dict:
+    """The task as its K attempts are sampled: a math question with --sample_instruction appended."""
+    return {**task, "prompt": task["prompt"] + instruction} if task["domain"] == "math" and instruction else task
+
+
 def build_trajectories(policy, tok, cfg: Config, d, dtype, grader=default_grader) -> tuple[list[dict], Counter]:
     """Sample K responses per question (this rank's shard), grade, bucket, compose; gathered on all
     ranks. Returns (trajectories, counts)."""
@@ -589,7 +619,7 @@ def build_trajectories(policy, tok, cfg: Config, d, dtype, grader=default_grader
     if not 0 <= cfg.unsampled_bucket < n_buckets:
         raise ValueError(f"--unsampled_bucket must be in [0, {n_buckets - 1}]")
     mine = list(range(d.rank, len(tasks), d.world_size))
-    prompts = [C.chat_prompt_ids(tok, prompt_messages(tasks[i], cfg.system_prompt))
+    prompts = [C.chat_prompt_ids(tok, prompt_messages(sampling_task(tasks[i], cfg.sample_instruction), cfg.system_prompt))
                for i in mine for _ in range(cfg.k_samples)]
     t0 = time.time()
     policy.eval()
@@ -599,9 +629,10 @@ def build_trajectories(policy, tok, cfg: Config, d, dtype, grader=default_grader
     policy.train()
     C.print0(f"[build] sampled {len(texts)} responses on rank 0 in {time.time() - t0:.0f}s")
     out = []
-    # the sampled code attempts, graded at once by the sandbox pool (the default grader only)
-    cache = code_grades([(tasks[i], V.first_attempt(x)) for j, i in enumerate(mine)
-                         for x in texts[j * cfg.k_samples:(j + 1) * cfg.k_samples]], cfg) if grader is default_grader else {}
+    # the sampled attempts, graded at once: code by the sandbox pool (the default grader only), math in one child
+    sampled = [(tasks[i], V.first_attempt(x)) for j, i in enumerate(mine)
+               for x in texts[j * cfg.k_samples:(j + 1) * cfg.k_samples]]
+    cache = {**(code_grades(sampled, cfg) if grader is default_grader else {}), **math_grades(sampled, cfg, grader)}
     # sampled questions: j indexes this rank's questions; unsampled ones (no responses) follow
     jobs = [(j, i, tasks[i]) for j, i in enumerate(mine)]
     jobs += [(None, len(tasks) + u, unsampled[u]) for u in range(d.rank, len(unsampled), d.world_size)]
@@ -610,9 +641,10 @@ def build_trajectories(policy, tok, cfg: Config, d, dtype, grader=default_grader
 
         def grade(text, tests=None, task=task):
             if tests is None and (task["prompt"], text) in cache:
-                return cache[(task["prompt"], text)]
-            t = task if tests is None else {**task, "tests": tests}
-            ok, info = safe_grade(lambda a, b: grader(a, b, cfg.code_timeout_s), t, text, cfg.verifier_timeout_s)
+                ok, info = cache[(task["prompt"], text)]
+            else:
+                t = task if tests is None else {**task, "tests": tests}
+                ok, info = safe_grade(lambda a, b: grader(a, b, cfg.code_timeout_s), t, text, cfg.verifier_timeout_s)
             if ok is None:
                 counts[info["reason"].split(":")[0]] += 1
                 C.print0(f"[build] grading failed ({info['reason']}) on {task['prompt'][:50]!r}: counted, skipped")
@@ -722,10 +754,14 @@ def step_rows(samples: list[dict], pos: int, n_rows: int, max_len: int, packing:
 
 
 def load_eval_sets(cfg: Config, tok, skipped: Counter) -> dict:
-    sets = {"math": [], "code": [], "loss": []}
+    sets = {"math": [], "transfer": [], "code": [], "loss": []}
     if cfg.eval_limit > 0 and cfg.math_test:
         pool = load_tasks(cfg.math_test, "math", skipped, cfg.math_instruction)
         sets["math"] = stratified(pool, cfg.eval_limit, cfg.eval_difficulties)
+    if cfg.eval_transfer_limit > 0 and cfg.math_transfer:  # graded as math, reported as transfer_*
+        pool = load_tasks(cfg.math_transfer, "math", skipped, cfg.math_instruction)
+        sets["transfer"] = [{**t, "set": "transfer"} for t in stratified(pool, cfg.eval_transfer_limit,
+                                                                         cfg.eval_difficulties)]
     if cfg.eval_code_limit > 0 and cfg.code_test:
         pool = load_tasks(cfg.code_test, "code", skipped)
         sets["code"] = stratified(pool, cfg.eval_code_limit, cfg.eval_difficulties)
@@ -749,7 +785,8 @@ def load_eval_sets(cfg: Config, tok, skipped: Counter) -> dict:
 def score_responses(tasks: list[dict], texts: list[str], grade) -> Counter:
     """Counts over responses: n, correct (last attempt), first_correct, answered (math: a final
     answer), with_verification, verdicts, verdicts_right (verdict == real correctness of the
-    attempt it checks), grade_failed. grade(task, text) -> (ok | None, info)."""
+    attempt it checks), verdicts_on_correct (checked attempts that are correct: the verdict
+    accuracy of a verifier that always says "correct"), grade_failed. grade(task, text) -> (ok | None, info)."""
     c = Counter()
     for task, text in zip(tasks, texts):
         steps = V.split_trajectory(text)
@@ -764,6 +801,7 @@ def score_responses(tasks: list[dict], texts: list[str], grade) -> Counter:
             if s["verdict"] is not None and real[k][0] is not None:
                 c["verdicts"] += 1
                 c["verdicts_right"] += s["verdict"] == real[k][0]
+                c["verdicts_on_correct"] += bool(real[k][0])
         ok, info = real[len(steps) - 1]
         if ok is None:
             c["grade_failed"] += 1
@@ -796,24 +834,25 @@ def evaluate(policy, tok, cfg: Config, sets: dict, d, dtype, full: bool = True, 
             tot, n = C.loss_sums(policy, sets["loss"][r::W], cfg.eval_batch_size, tok.pad_token_id, d, dtype)
             sums["loss_num"], sums["loss_den"] = tot, n
         if full:  # math and code prompts share the generate batches (fewer, fuller batches)
-            tasks = sets["math"][r::W] + sets["code"][r::W]
+            tasks = sets["math"][r::W] + sets["transfer"][r::W] + sets["code"][r::W]
             prompts = [C.chat_prompt_ids(tok, prompt_messages(t, cfg.system_prompt)) for t in tasks]
             texts = S.generate_texts(policy, tok, prompts, cfg.eval_max_new_tokens, cfg.eval_batch_size, d, dtype)
+            attempts = [(t, st["attempt"]) for t, x in zip(tasks, texts) for st in V.split_trajectory(x)]
             if grader is default_grader:  # every attempt of every code response, through the pool at once
-                cache.update(code_grades([(t, st["attempt"]) for t, x in zip(tasks, texts)
-                                          for st in V.split_trajectory(x)], cfg))
-            for dom in ("math", "code"):
-                pairs = [(t, x) for t, x in zip(tasks, texts) if t["domain"] == dom]
+                cache.update(code_grades(attempts, cfg))
+            cache.update(math_grades(attempts, cfg, grader))  # and every math attempt in one guarded child
+            for dom in ("math", "transfer", "code"):
+                pairs = [(t, x) for t, x in zip(tasks, texts) if t.get("set", t["domain"]) == dom]
                 for k, v in score_responses([t for t, _ in pairs], [x for _, x in pairs], grade).items():
                     sums[f"{dom}_{k}"] += v
                 examples += [f"[{dom}] {t['prompt']}\n---\n{x}" for t, x in pairs[:1]]
-            responses = [{"domain": t["domain"], "difficulty": t.get("difficulty"), "prompt": t["prompt"],
+            responses = [{"domain": t.get("set", t["domain"]), "difficulty": t.get("difficulty"), "prompt": t["prompt"],
                           "response": x} for t, x in zip(tasks, texts)]
     tot = C.all_reduce_dict({k: sums[k] for k in set(C.gather_objects(sorted(sums), d))}, d)
     out = {}
     if tot.get("loss_den"):
         out["heldout_loss"] = tot["loss_num"] / tot["loss_den"]
-    for dom in ("math", "code"):
+    for dom in ("math", "transfer", "code"):
         n = tot.get(f"{dom}_n", 0)
         if not n:
             continue
@@ -822,9 +861,10 @@ def evaluate(policy, tok, cfg: Config, sets: dict, d, dtype, full: bool = True, 
                     f"{dom}_with_verification": g("with_verification") / n,
                     f"{dom}_attempts": g("attempts") / n, f"{dom}_verdicts": int(g("verdicts")),
                     f"{dom}_verdict_acc": g("verdicts_right") / g("verdicts") if g("verdicts") else None,
+                    f"{dom}_verdict_always_correct": g("verdicts_on_correct") / g("verdicts") if g("verdicts") else None,
                     f"{dom}_grade_failed": int(g("grade_failed"))})
-        if dom == "math":
-            out["math_answered"] = g("answered") / n
+        if dom != "code":
+            out[f"{dom}_answered"] = g("answered") / n
     out["examples"] = examples
     out["responses"] = C.gather_objects(responses, d) if full else []  # every rank's, for eval_*_responses.jsonl
     policy.train(was_training)

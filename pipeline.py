@@ -6,6 +6,7 @@ writes report.md with plots (matplotlib) into --out_dir.
     NPROC=2 python pipeline.py --device cpu           # each stage under torchrun (FSDP2), 2 processes
     python pipeline.py --stage3 "--gamma 0"           # extra flags for one stage (shlex-split)
     python pipeline.py --report_only true             # rewrite report.md from finished stages
+    python pipeline.py --dry_run true                 # print the four command lines, run nothing
 
 Started again with the same command, it continues where it stopped: a stage whose final/ exists is
 skipped; an unfinished one is started again with the same --out_dir, so it resumes from its newest
@@ -13,7 +14,7 @@ checkpoint (each stage's --save_every, e.g. --stage1 "--save_every 10"). Wall ti
 out_dir/timings.json (a resumed stage adds the time of each attempt).
 
 Stage by stage: 01_cold_start_sft.py (from the embedded model or --model), 02_overall_sft.py
---model <stage 1>/final (with --reflective_weight w, stage 1's S2R trajectories join its mixture),
+--model <stage 1>/final (its reasoning data: stage 1's S2R trajectories, `--reasoning s2r`),
 03_distill.py --teacher <stage 2>/final (student: its 15-layer copy),
 04_rl.py --model <stage 3>/final. Nothing clever: it builds four command lines and runs them.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -38,6 +40,10 @@ STAGES = (  # (name, script, flag that takes the previous stage's final/)
     ("3_distill", "03_distill.py", "--teacher"),
     ("4_rl", "04_rl.py", "--model"),
 )
+# Flags the pipeline gives a stage before the user's --stageN flags. Stages 2 and 3 skip their own
+# math (and code) evals: the pipeline's eval of every final/ measures each model on the same
+# questions; stage 2 keeps its agent eval, stage 3 its KL and speed.
+STAGE_FLAGS = {1: ["--math_test", ""], 2: ["--eval_limit", "0", "--code_eval_limit", "0"]}
 
 
 @dataclass
@@ -51,9 +57,13 @@ class Config:
     stage2: str = C.arg("", "extra flags for stage 2")
     stage3: str = C.arg("", "extra flags for stage 3")
     stage4: str = C.arg("", "extra flags for stage 4")
-    reflective_weight: float = C.arg(0.0, "stage 2's mixture weight of stage 1's S2R trajectories added to its "
-                                          "default sources (0 = off; measured at 1: see the README)")
+    reasoning: str = C.arg("s2r", "stage 2's reasoning data: s2r = stage 1's S2R trajectories (the reflective "
+                                  "format carried on), plain = the CoT solutions of data/math_train.jsonl (stage 2's "
+                                  "own default), both (measured: README)")
+    eval: str = C.arg("", "extra flags of the one held-out eval every model gets (stage 1's eval: math, the "
+                          "transfer split, code; passed to stage 1 and to `01_cold_start_sft.py --mode eval`)")
     report_only: bool = C.arg(False, "only (re)write the report from the stages that finished")
+    dry_run: bool = C.arg(False, "print the command lines (e.g. to launch each stage on several nodes) and stop")
 
 
 def command(cfg: Config, i: int, prev: str) -> list[str]:
@@ -63,15 +73,38 @@ def command(cfg: Config, i: int, prev: str) -> list[str]:
     extra = shlex.split([cfg.stage1, cfg.stage2, cfg.stage3, cfg.stage4][i])
     carry = []
     s2r = Path(cfg.out_dir) / STAGES[0][0] / "trajectories.jsonl"
-    if i == 1 and cfg.reflective_weight > 0 and s2r.exists():  # keep stage 1's format in stage 2's mixture
+    if i == 1 and cfg.reasoning != "plain":  # keep stage 1's format in stage 2's mixture
         carry = ["--data", "chat=data/chat_train.jsonl:1", "agent=data/agent_train.jsonl:1",
-                 "reasoning=data/math_train.jsonl:1", f"reflective={s2r}:{cfg.reflective_weight}"]
+                 *(["reasoning=data/math_train.jsonl:1"] if cfg.reasoning == "both" else []), f"reflective={s2r}:1"]
+    if i == 0:  # stage 1's start / end evals are the first two rows of the pipeline's eval table
+        carry = shlex.split(cfg.eval)
     return launch + [str(ROOT / script), flag, prev, "--out_dir", str(Path(cfg.out_dir) / name),
-                     "--device", cfg.device, *carry, *extra]
+                     "--device", cfg.device, *carry, *STAGE_FLAGS.get(i, []), *extra]
+
+
+def eval_command(cfg: Config, model: str, out_dir: Path) -> list[str]:
+    """The same held-out eval as stage 1's (math first / last attempt, transfer split, verification
+    rate, verdict accuracy, code) for a later stage's final/: one table row per model."""
+    return [sys.executable, str(ROOT / STAGES[0][1]), "--mode", "eval", "--model", model, "--out_dir", str(out_dir),
+            "--device", cfg.device, *shlex.split(cfg.eval)]
+
+
+def run(cmd: list[str], what: str, timings: dict, tfile: Path, env=None) -> None:
+    """Run one command, add its minutes to timings[what] (kept on disk), stop the pipeline on failure."""
+    print(f"[pipeline] {what}: {shlex.join(cmd)}", flush=True)
+    t0 = time.time()
+    rc = subprocess.run(cmd, cwd=ROOT, env=env).returncode
+    timings[what] = timings.get(what, 0.0) + (time.time() - t0) / 60
+    tfile.write_text(json.dumps(timings, indent=1))
+    if rc != 0:
+        raise SystemExit(f"[pipeline] {what} failed (exit {rc}); fix it and run the same command again "
+                         f"to continue from here")
 
 
 def run_stages(cfg: Config) -> dict:
     """Run what is not finished yet; returns {stage name: minutes} (all attempts added up)."""
+    if cfg.reasoning not in ("s2r", "plain", "both"):
+        raise SystemExit(f"--reasoning must be s2r, plain or both, got {cfg.reasoning!r}")
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tfile = out / "timings.json"
@@ -79,19 +112,16 @@ def run_stages(cfg: Config) -> dict:
     prev = cfg.model
     for i, (name, script, _) in enumerate(STAGES):
         final = out / name / "final"
-        if (final / "config.json").exists():
+        if cfg.dry_run:
+            print(shlex.join(command(cfg, i, prev)), flush=True)
+        elif (final / "config.json").exists():
             print(f"[pipeline] {name}: done ({final}), skipped", flush=True)
         else:
-            cmd = command(cfg, i, prev)
-            print(f"[pipeline] {name}: {shlex.join(cmd)}", flush=True)
-            t0 = time.time()
             env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")) if cfg.nproc > 1 else None
-            rc = subprocess.run(cmd, cwd=ROOT, env=env).returncode
-            timings[name] = timings.get(name, 0.0) + (time.time() - t0) / 60
-            tfile.write_text(json.dumps(timings, indent=1))
-            if rc != 0:
-                raise SystemExit(f"[pipeline] {name} failed (exit {rc}); fix it and run the same command again "
-                                 f"to continue from here")
+            run(command(cfg, i, prev), name, timings, tfile, env)
+            shutil.rmtree(out / "eval" / name, ignore_errors=True)  # an eval of an earlier final/ is stale
+        if i > 0 and not cfg.dry_run and not (out / "eval" / name / "eval_summary.json").exists():
+            run(eval_command(cfg, str(final), out / "eval" / name), f"eval_{name}", timings, tfile)
         prev = str(final)
     return timings
 
@@ -112,6 +142,73 @@ def fmt(v) -> str:
     return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
+EVAL_COLUMNS = (  # (header, key in stage 1's eval)
+    ("math", "math_acc"), ("math, 1st attempt", "math_acc_first"), ("transfer", "transfer_acc"),
+    ("transfer, 1st", "transfer_acc_first"), ("verification rate", "math_with_verification"),
+    ("verdict acc", "math_verdict_acc"), ("verdict acc, always 'correct'", "math_verdict_always_correct"),
+    ("code", "code_acc"))
+
+
+def eval_rows(out: Path) -> list[tuple[str, dict]]:
+    """(model, eval) for the embedded model and every stage's output, all through stage 1's eval."""
+    rows = []
+    s1 = read_json(out / STAGES[0][0] / "eval_summary.json")
+    if s1:
+        rows += [("start (embedded)", s1["start"]), ("after 1 cold-start SFT", s1["end"])]
+    for name, label in ((STAGES[1][0], "after 2 overall SFT"), (STAGES[2][0], "after 3 distill (student)"),
+                        (STAGES[3][0], "after 4 RL")):
+        ev = read_json(out / "eval" / name / "eval_summary.json")
+        if ev:
+            rows.append((label, ev["eval"]))
+    return rows
+
+
+def plot_eval(out: Path, rows: list[tuple[str, dict]]) -> str | None:
+    """plots/math_by_stage.png: held-out math (last / first attempt), transfer and verification rate per model."""
+    if not rows:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    (out / "plots").mkdir(exist_ok=True)
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    x = list(range(len(rows)))
+    for key, label in (("math_acc", "math (last attempt)"), ("math_acc_first", "math (first attempt)"),
+                       ("transfer_acc", "transfer split"), ("math_with_verification", "verification rate")):
+        ax.plot(x, [r.get(key) if r.get(key) is not None else float("nan") for _, r in rows], marker="o", label=label)
+    ax.set_xticks(x, [m.replace("after ", "").replace(" (", "\n(") for m, _ in rows], fontsize=8)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylabel("fraction (held-out, greedy)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "plots" / "math_by_stage.png", dpi=90)
+    plt.close(fig)
+    return "plots/math_by_stage.png"
+
+
+def headline(out: Path, rows: list[tuple[str, dict]]) -> list[str]:
+    """The sentences the run exists to show: final model vs the embedded one, student vs teacher."""
+    ev = dict(rows)
+    n = lambda r, k: round(r[k] * r[f"{k.split('_')[0]}_n"]) if r.get(k) is not None else "-"  # noqa: E731
+    out_lines = []
+    start, final = ev.get("start (embedded)"), ev.get("after 4 RL")
+    if start and final:
+        out_lines.append(f"- Final model vs the embedded one: math {n(start, 'math_acc')} -> {n(final, 'math_acc')} of "
+                         f"{final['math_n']}, transfer split {n(start, 'transfer_acc')} -> {n(final, 'transfer_acc')} "
+                         f"of {final.get('transfer_n', '-')}, code {n(start, 'code_acc')} -> {n(final, 'code_acc')} "
+                         f"of {final.get('code_n', '-')}.")
+    teacher, student = ev.get("after 2 overall SFT"), ev.get("after 3 distill (student)")
+    s3 = read_json(out / STAGES[2][0] / "eval_summary.json") or {}
+    if teacher and student:
+        out_lines.append(f"- Distilled student vs its teacher: math {n(student, 'math_acc')} vs {n(teacher, 'math_acc')} "
+                         f"of {teacher['math_n']}, decoding {fmt(s3.get('speedup_vs_teacher'))}x the teacher's "
+                         f"tokens/s ({s3.get('student_params', 0) / 1e6:.0f}M vs {s3.get('teacher_params', 0) / 1e6:.0f}M "
+                         f"parameters).")
+    return out_lines
+
+
 def stage_rows(out: Path) -> list[tuple[str, str, object, object]]:
     """(stage, metric, before, after) for the metric each stage exists to move (held-out data)."""
     rows = []
@@ -128,7 +225,7 @@ def stage_rows(out: Path) -> list[tuple[str, str, object, object]]:
     if s3:
         for k in ("heldout_kl", "math_acc", "math_with_verification", "code_acc", "gen_tok_per_s"):
             rows.append(("3 distill (student)", k, s3["start"].get(k), s3["end"].get(k)))
-        rows.append(("3 distill", "teacher math_acc", s3["teacher_eval"].get("math_acc"), None))
+        rows.append(("3 distill", "teacher math_acc", s3.get("teacher_eval", {}).get("math_acc"), None))
         rows.append(("3 distill", "student speed-up vs teacher", None, s3.get("speedup_vs_teacher")))
     s4 = read_json(out / "4_rl" / "summary.json")
     if s4:
@@ -170,8 +267,18 @@ def plot_curves(out: Path) -> list[str]:
 
 
 def write_report(out: Path, timings: dict) -> Path:
-    lines = ["# Pipeline report", "", f"Output: `{out}`. Held-out data, greedy decoding; before = the stage's "
-             "input model, after = its output.", "", "| stage | metric | before | after |", "|---|---|---|---|"]
+    rows = eval_rows(out)
+    n = {k: next((r.get(f"{k}_n") for _, r in rows if r.get(f"{k}_n")), 0) for k in ("math", "transfer", "code")}
+    lines = ["# Pipeline report", "", f"Output: `{out}`. Held-out data, greedy decoding.", "",
+             f"## Every model through the same eval ({n['math']} math, {n['transfer']} transfer-split, "
+             f"{n['code']} code questions; accuracy of the last attempt unless said)", "",
+             "| model | " + " | ".join(h for h, _ in EVAL_COLUMNS) + " |", "|---" * (len(EVAL_COLUMNS) + 1) + "|"]
+    lines += [f"| {m} | " + " | ".join(fmt(r.get(k)) for _, k in EVAL_COLUMNS) + " |" for m, r in rows]
+    lines += [""] + headline(out, rows)
+    plot = plot_eval(out, rows)
+    lines += (["", f"![{plot}]({plot})"] if plot else [])
+    lines += ["", "## Each stage's own metric (before = the stage's input model, after = its output)", "",
+              "| stage | metric | before | after |", "|---|---|---|---|"]
     lines += [f"| {s} | {k} | {fmt(a)} | {fmt(b)} |" for s, k, a, b in stage_rows(out)]
     lines += ["", "| stage | wall time (min) |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
@@ -186,6 +293,8 @@ def main(argv=None):
     cfg = C.parse_config(Config, argv)
     out = Path(cfg.out_dir)
     timings = (read_json(out / "timings.json") or {}) if cfg.report_only else run_stages(cfg)
+    if cfg.dry_run:
+        return
     print(f"[pipeline] report: {write_report(out, timings)}", flush=True)
 
 

@@ -9,6 +9,7 @@ Writes one-JSON-object-per-line files into --out (default: this script's folder)
   chat_{train,test}.jsonl   single- and multi-turn general conversations
   agent_{train,test}.jsonl  tool-use traces for the tools calculator / convert_units / lookup
   pref_{train,test}.jsonl   preference pairs {prompt, chosen, rejected}
+  math_transfer.jsonl       held-out math of kinds and phrasings that no training file has (test only)
   lookup_table.json         the fact table behind the `lookup` tool
 
 Determinism: every dataset uses its own random.Random instance seeded from --seed; nothing
@@ -1229,6 +1230,112 @@ def make_pref(rng):
     bad = " ".join(words[:max(2, len(words) // 4)]) if len(words) > 8 and rng.random() < 0.6 else rng.choice(EMPTY_ISH)
     return {"prompt": prompt, "chosen": answer, "rejected": bad}
 
+# ----------------------------------------------------------------------------- 6. math transfer split
+# Held-out math of KINDS and PHRASINGS that no training file has (tests/test_data.py checks: no
+# shared type, no shared question, no shared 6-word phrase with numbers masked): perimeters,
+# consecutive numbers, saving up, temperature changes, clock times, "I think of a number", reading
+# plans and digit sums. Test only: a model that improves here learned more than the templates.
+
+def tr_perimeter(rng, d):
+    a, b = rng.randint(3, 12 + 8 * d), rng.randint(2, 9 + 5 * d)
+    if d == 1:
+        return (f"A square tile has sides of {a} cm. How far is it all the way around its edge, in cm?",
+                [f"A square has 4 equal sides: 4 * {a} = {4 * a} cm."], str(4 * a))
+    q = rng.choice([f"A fence runs around a rectangular field {a} m by {b} m. How many metres of fence are there?",
+                    f"A rectangular pool measures {a} by {b} metres. How long is its rim, all the way round, in metres?"])
+    steps = [f"Two long sides: 2 * {a} = {2 * a} m.", f"Two short sides: 2 * {b} = {2 * b} m.",
+             f"All the way round: {2 * a} + {2 * b} = {2 * (a + b)} m."]
+    if d == 3:
+        gap = rng.randint(1, 4)
+        q += f" A gate of {gap} m needs no fence; how much fence is bought?"
+        steps.append(f"Without the gate: {2 * (a + b)} - {gap} = {2 * (a + b) - gap} m.")
+        return q, steps, str(2 * (a + b) - gap)
+    return q, steps, str(2 * (a + b))
+
+
+def tr_consecutive(rng, d):
+    n, k = rng.randint(3, 10 + 15 * d), 2 + d
+    total = sum(range(n, n + k))
+    which, ans = rng.choice([("smallest", n), ("largest", n + k - 1)])
+    q = rng.choice([f"{k} consecutive whole numbers add up to {total}. Which is the {which} of them?",
+                    f"When {k} whole numbers in a row are added together the result is {total}. Name the {which} one."])
+    steps = [f"The middle of {k} numbers in a row is their mean: {total} / {k} = {Fraction(total, k)}.",
+             f"The numbers are {', '.join(map(str, range(n, n + k)))}.", f"The {which} is {ans}."]
+    return q, steps, str(ans)
+
+
+def tr_savings(rng, d):
+    who, w = rng.choice(NAMES), rng.randint(3, 6 + 3 * d)
+    weeks, start = rng.randint(3, 8 + 2 * d), (0 if d == 1 else rng.randint(2, 9 + 5 * d))
+    goal = start + w * weeks
+    q = (f"Every week {who} drops {w} coins into a jar that "
+         + ("starts empty" if start == 0 else f"already holds {start} coins")
+         + f". After how many weeks does the jar hold {goal} coins?")
+    steps = ([] if start == 0 else [f"Coins still to add: {goal} - {start} = {goal - start}."]) + [
+        f"Weeks needed: {goal - start} / {w} = {weeks}."]
+    return q, steps, str(weeks)
+
+
+def tr_temperature(rng, d):
+    t0, up, down = rng.randint(-12, 3), rng.randint(4, 9 + 3 * d), rng.randint(2, 6 + 3 * d)
+    if d == 1:
+        return (f"At dawn the thermometer read {t0} degrees. By noon it had climbed {up} degrees. What did it read at noon?",
+                [f"{t0} + {up} = {t0 + up} degrees."], str(t0 + up))
+    q = (f"At dawn the thermometer read {t0} degrees. It climbed {up} degrees by noon and then fell "
+         f"{down} degrees by midnight. What did it read at midnight?")
+    steps = [f"At noon: {t0} + {up} = {t0 + up} degrees.", f"At midnight: {t0 + up} - {down} = {t0 + up - down} degrees."]
+    return q, steps, str(t0 + up - down)
+
+
+def tr_clock(rng, d):
+    h, m = rng.randint(1, 10), rng.choice(range(5, 56, 5))
+    dur = rng.choice(range(10, 35 + 25 * d, 5))
+    end = h * 60 + m + dur
+    q = rng.choice([f"A lesson begins at {h}:{m:02d} and lasts {dur} minutes. How many minutes past the hour is it when it ends?",
+                    f"The bus leaves at {h}:{m:02d} and the trip takes {dur} minutes. At how many minutes past the hour does it arrive?"])
+    steps = [f"{m} + {dur} = {m + dur} minutes past {h}:00.",
+             f"That is {end // 60 - h} hour(s) and {end % 60} minutes, so it ends at {end // 60}:{end % 60:02d}."]
+    return q, steps, str(end % 60)
+
+
+def tr_think(rng, d):
+    x, a, b = rng.randint(2, 9 + 4 * d), rng.randint(2, 2 + d), rng.randint(1, 15)
+    if d == 1:
+        return (f"I think of a number and add {b}. I get {x + b}. What was my number?",
+                [f"Undo the adding: {x + b} - {b} = {x}."], str(x))
+    q = f"I think of a number, multiply it by {a} and then add {b}. The result is {a * x + b}. What number did I think of?"
+    steps = [f"Undo the adding: {a * x + b} - {b} = {a * x}.", f"Undo the multiplying: {a * x} / {a} = {x}."]
+    return q, steps, str(x)
+
+
+def tr_reading(rng, d):
+    who, per, days = rng.choice(NAMES), rng.randint(5, 10 + 5 * d), rng.randint(2, 4 + 2 * d)
+    pages = per * days + rng.randint(5, 40 * d)
+    q = rng.choice([f"A novel has {pages} pages. {who} reads {per} pages each day. How many pages remain unread after {days} days?",
+                    f"{who}'s book is {pages} pages long, and {who} gets through {per} pages a day. After {days} days, how many pages are still to go?"])
+    steps = [f"Pages read: {per} * {days} = {per * days}.", f"Pages left: {pages} - {per * days} = {pages - per * days}."]
+    return q, steps, str(pages - per * days)
+
+
+def tr_digits(rng, d):
+    n = rng.randint(10 ** d, 10 ** (d + 1) - 1)
+    ds = [int(c) for c in str(n)]
+    q = rng.choice([f"Add up the digits of {n}. What total do you get?", f"What do the digits of {n} add up to?"])
+    return q, [f"{' + '.join(map(str, ds))} = {sum(ds)}."], str(sum(ds))
+
+
+TRANSFER_TYPES = [("perimeter", tr_perimeter), ("consecutive", tr_consecutive), ("savings", tr_savings),
+                  ("temperature", tr_temperature), ("clock", tr_clock), ("think_of_a_number", tr_think),
+                  ("reading", tr_reading), ("digit_sum", tr_digits)]
+
+
+def make_math_transfer(rng):
+    kind, gen = rng.choice(TRANSFER_TYPES)
+    d = rng.choice([1, 2, 3])
+    q, steps, ans = gen(rng, d)
+    return {"question": q, "solution": "\n".join(steps + [f"The answer is {ans}."]), "answer": ans,
+            "difficulty": d, "type": kind}
+
 # ----------------------------------------------------------------------------- main
 
 DATASETS = [  # name, maker, key used for de-duplication / overlap, n_train, n_test
@@ -1238,6 +1345,7 @@ DATASETS = [  # name, maker, key used for de-duplication / overlap, n_train, n_t
     ("agent", make_agent, first_user, 600, 80),
     ("pref", make_pref, lambda r: r["prompt"], 500, 100),
 ]
+N_TRANSFER = 80  # data/math_transfer.jsonl: test only
 
 
 def write_jsonl(path, rows):
@@ -1262,6 +1370,11 @@ def main(argv=None):
             path = out / f"{name}_{split}.jsonl"
             write_jsonl(path, rows)
             print(f"{path.name}: {len(rows)} rows, {path.stat().st_size} bytes")
+    rng = random.Random(args.seed * 1000 + len(DATASETS))  # the transfer split: test only, after the others
+    _, transfer = split_pool(rng, make_math_transfer, lambda r: r["question"], 0, N_TRANSFER, exclude=test_keys)
+    path = out / "math_transfer.jsonl"
+    write_jsonl(path, transfer)
+    print(f"{path.name}: {len(transfer)} rows, {path.stat().st_size} bytes")
     path = out / "lookup_table.json"
     path.write_text(json.dumps(LOOKUP_TABLE, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     print(f"{path.name}: {len(LOOKUP_TABLE)} entries, {path.stat().st_size} bytes")

@@ -1,8 +1,10 @@
 """Checks for the sample data in data/ and for the generator data/make_data.py."""
 import importlib.util
 import json
+import re
 import subprocess
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -164,9 +166,54 @@ def _generate(out, seed=0):
 def test_generator_is_deterministic(tmp_path):
     first = _generate(tmp_path / "a")
     second = _generate(tmp_path / "b")
-    assert sorted(first) == sorted(FILES + ["lookup_table.json"])
+    assert sorted(first) == sorted(FILES + ["lookup_table.json", "math_transfer.jsonl"])
     assert first == second
     # The checked-in files are exactly what the generator produces with the default seed.
     for name, content in first.items():
         assert (DATA / name).read_bytes() == content, f"data/{name} is stale; rerun python data/make_data.py"
     assert _generate(tmp_path / "c", seed=1) != first  # the seed matters
+
+
+# ----------------------------------------------------------------------------- the math transfer split
+
+def _masked_ngrams(text, n=6):
+    """Word n-grams with every number replaced by '#': the shared phrasing of two templates."""
+    words = ["#" if any(ch.isdigit() for ch in w) else w for w in md.norm(text).split()]
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+def _training_texts():
+    """Every prompt / user turn a stage trains on (the S2R trajectories and stage 3's data are built from these)."""
+    out = [r["question"] for r in read("math_train.jsonl")] + [r["prompt"] for r in read("code_train.jsonl")]
+    out += [r["prompt"] for r in read("pref_train.jsonl")]
+    for name in ("chat", "agent"):
+        out += [m["content"] for r in read(f"{name}_train.jsonl") for m in r["messages"]
+                if m["role"] == "user" and isinstance(m.get("content"), str)]
+    return out
+
+
+def test_transfer_split_shares_no_kind_question_or_phrasing_with_training():
+    """math_transfer.jsonl: families absent from the training generators, no question equal to any
+    training prompt, and no 6-word phrase (numbers masked) in common with any training prompt."""
+    rows = read("math_transfer.jsonl")
+    assert len(rows) == md.N_TRANSFER and len({md.norm(r["question"]) for r in rows}) == len(rows)
+    assert {r["type"] for r in rows} == {k for k, _ in md.TRANSFER_TYPES}  # every family present
+    assert not {k for k, _ in md.TRANSFER_TYPES} & {k for k, _ in md.MATH_TYPES}
+    train = _training_texts()
+    assert len(train) > 3000
+    train_keys = {md.norm(t) for t in train}
+    train_grams = set().union(*(_masked_ngrams(t) for t in train))
+    for r in rows:
+        assert md.norm(r["question"]) not in train_keys, r["question"]
+        shared = _masked_ngrams(r["question"]) & train_grams
+        assert not shared, (r["question"], sorted(shared)[:3])
+        assert r["solution"].endswith(f"The answer is {r['answer']}.")
+
+
+def test_transfer_answers_follow_from_their_solutions():
+    """Each solution's arithmetic is right (every 'a op b ... = c' checked) and grades its own answer."""
+    import verify as V
+    for r in read("math_transfer.jsonl"):
+        assert V.score_math(r["solution"], r["answer"])[0] == 1.0, r
+        for expr, c in re.findall(r"(?<![\d.])((?:-?\d+ [-+*/] )+-?\d+) = (-?\d+(?:/\d+)?)(?![\d:])", r["solution"]):
+            assert Fraction(eval(expr)) == Fraction(c), (r["question"], expr, c)  # noqa: S307 (digits and + - * / only)

@@ -220,7 +220,7 @@ def test_scripts_run_from_another_directory(tmp_path):
     tiny = ["--model", "tiny", "--precision", "fp32", "--device", "cpu"]
     runs = {
         "01_cold_start_sft.py": ["--objective", "plain", "--max_steps", "1", "--eval_limit", "1", "--eval_code_limit", "0",
-                                 "--eval_loss_limit", "1", "--eval_max_new_tokens", "2", "--max_len", "256"],
+                                 "--eval_transfer_limit", "1", "--eval_loss_limit", "1", "--eval_max_new_tokens", "2", "--max_len", "256"],
         "02_overall_sft.py": ["--max_steps", "1", "--batch_size", "2", "--eval_limit", "1", "--eval_loss_limit", "1",
                               "--agent_max_new_tokens", "2", "--math_max_new_tokens", "2", "--max_len", "2048"],
         "04_rl.py": ["--stages", "stem:data/math_train.jsonl:1", "--eval_limit", "1", "--eval_max_new_tokens", "2",

@@ -50,7 +50,7 @@ def _check(name: str, values: list[float]):
 
 S1_ARGS = TINY + ["--objective", "plain", "--max_steps", "3", "--micro_batch_size", "2", "--grad_accum", "2",
                   "--max_len", "256", "--lr", "3e-3", "--warmup_steps", "1", "--eval_limit", "0",
-                  "--eval_code_limit", "0", "--eval_loss_limit", "2"]
+                  "--eval_code_limit", "0", "--eval_transfer_limit", "0", "--eval_loss_limit", "2"]
 
 
 S2_ARGS = TINY + ["--max_steps", "3", "--batch_size", "4", "--micro_batch_size", "1", "--max_len", "2048",

@@ -1,6 +1,7 @@
 """pipeline.py on tiny models: four stages chained through their final/ directories, the report
 and its plots written, a finished stage skipped on the next run, an unfinished one run again."""
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -11,8 +12,10 @@ sys.path.insert(0, str(ROOT))
 import pipeline  # noqa: E402
 
 TINY = {
-    "stage1": "--precision fp32 --objective plain --max_steps 1 --eval_limit 1 --eval_code_limit 0 "
-              "--eval_loss_limit 1 --eval_max_new_tokens 2 --max_len 256",
+    "eval": "--precision fp32 --eval_limit 1 --eval_code_limit 1 --eval_transfer_limit 1 --eval_loss_limit 1 "
+            "--eval_max_new_tokens 2",
+    "stage1": "--precision fp32 --max_steps 1 --build_math_questions 2 --build_code_questions 0 --k_samples 2 "
+              "--unsampled_math_questions 1 --unsampled_code_questions 0 --sample_max_new_tokens 4 --max_len 1536",
     "stage2": "--precision fp32 --max_steps 1 --batch_size 2 --eval_limit 1 --eval_loss_limit 1 "
               "--agent_max_new_tokens 2 --math_max_new_tokens 2 --max_len 2048",
     "stage3": "--precision fp32 --student_layers 1 --max_steps 1 --prompt_limit 4 --eval_limit 1 --code_eval_limit 1 "
@@ -41,22 +44,33 @@ def test_pipeline_chains_stages_writes_report_and_continues(tmp_path, capsys):
     assert s2["model"] == str(out / "1_cold_start_sft" / "final")
     s3 = json.loads(next((out / "3_distill").glob("ckpt-*/config.json")).read_text())
     assert s3["teacher"] == str(out / "2_overall_sft" / "final")
+    assert s2["data"][-1] == f"reflective={out / '1_cold_start_sft' / 'trajectories.jsonl'}:1"  # S2R format carried on
     report = (out / "report.md").read_text()
     assert "| 3 distill (student) | heldout_kl |" in report and "| total |" in report
+    # every model through the same eval: one row each, every cell a finite number
+    table = report.split("## Every model through the same eval")[1].split("\n\n")[1].splitlines()[2:]
+    assert [r.split(" | ")[0] for r in table] == ["| start (embedded)", "| after 1 cold-start SFT", "| after 2 overall SFT",
+                                                  "| after 3 distill (student)", "| after 4 RL"]
+    for r in table:
+        cells = [c.strip() for c in r.strip("|").split("|")[1:]]
+        for c, (head, _) in zip(cells, pipeline.EVAL_COLUMNS):
+            assert c == "-" and "verdict" in head or math.isfinite(float(c)), (r, head)
     pngs = sorted(p.name for p in (out / "plots").glob("*.png"))
-    assert pngs == ["1_cold_start_sft.png", "2_overall_sft.png", "3_distill.png", "4_rl.png"]
+    assert pngs == ["1_cold_start_sft.png", "2_overall_sft.png", "3_distill.png", "4_rl.png", "math_by_stage.png"]
     assert all((out / "plots" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     t1 = json.loads((out / "timings.json").read_text())
-    assert set(t1) == {n for n, *_ in pipeline.STAGES}
-    # run again after "losing" stage 4: stages 1-3 are skipped, only 4 runs (its time adds up)
+    assert set(t1) == {n for n, *_ in pipeline.STAGES} | {f"eval_{n}" for n, *_ in pipeline.STAGES[1:]}
+    # run again after "losing" stage 4: stages 1-3 are skipped, only 4 runs (its time adds up) and is evaluated again
     import shutil
     shutil.rmtree(out / "4_rl" / "final")
     capsys.readouterr()
     pipeline.main(args(out))
     log = capsys.readouterr().out
     assert log.count("skipped") == 3 and "4_rl: " in log and (out / "4_rl" / "final" / "config.json").exists()
+    assert "eval_4_rl: " in log and "eval_3_distill: " not in log
     t2 = json.loads((out / "timings.json").read_text())
     assert t2["4_rl"] > t1["4_rl"] and t2["1_cold_start_sft"] == t1["1_cold_start_sft"]
+    assert t2["eval_4_rl"] > t1["eval_4_rl"] and t2["eval_3_distill"] == t1["eval_3_distill"]
 
 
 def test_a_failing_stage_stops_the_pipeline_with_a_clear_message(tmp_path):
@@ -64,14 +78,34 @@ def test_a_failing_stage_stops_the_pipeline_with_a_clear_message(tmp_path):
         pipeline.main(args(tmp_path / "bad", stage1="--no_such_flag 1"))
 
 
-def test_reflective_trajectories_join_stage_2_only_when_asked(tmp_path):
+def test_stage_2_reasoning_source_is_stage_1s_trajectories_by_default(tmp_path):
     s2r = tmp_path / "1_cold_start_sft" / "trajectories.jsonl"
-    s2r.parent.mkdir()
-    s2r.write_text("")
-    cfg = pipeline.C.parse_config(pipeline.Config, ["--out_dir", str(tmp_path), "--reflective_weight", "2",
-                                                    "--stage2", "--max_steps 3"])
+    cfg = pipeline.C.parse_config(pipeline.Config, ["--out_dir", str(tmp_path), "--stage2", "--max_steps 3"])
     cmd = pipeline.command(cfg, 1, "prev/final")
-    assert f"reflective={s2r}:2.0" in cmd and cmd.index("--data") < cmd.index("--max_steps")
+    assert f"reflective={s2r}:1" in cmd and cmd.index("--data") < cmd.index("--max_steps")
+    assert not any("math_train" in c for c in cmd)                        # the plain CoT solutions replaced
     assert "--data" not in pipeline.command(cfg, 2, "x")                 # stage 3: not touched
-    off = pipeline.C.parse_config(pipeline.Config, ["--out_dir", str(tmp_path)])
-    assert "--data" not in pipeline.command(off, 1, "prev/final")        # default: stage 2's own mixture
+    both = pipeline.C.parse_config(pipeline.Config, ["--out_dir", str(tmp_path), "--reasoning", "both"])
+    assert "reasoning=data/math_train.jsonl:1" in pipeline.command(both, 1, "p")
+    plain = pipeline.C.parse_config(pipeline.Config, ["--out_dir", str(tmp_path), "--reasoning", "plain"])
+    assert "--data" not in pipeline.command(plain, 1, "prev/final")      # stage 2's own mixture
+    with pytest.raises(SystemExit, match="--reasoning"):
+        pipeline.main(["--out_dir", str(tmp_path), "--reasoning", "s2"])
+
+
+def test_eval_flags_reach_stage_1_and_the_eval_runs_alike(tmp_path):
+    cfg = pipeline.C.parse_config(pipeline.Config, ["--out_dir", str(tmp_path), "--eval", "--eval_limit 7",
+                                                    "--stage1", "--max_steps 2"])
+    s1 = pipeline.command(cfg, 0, "m")
+    ev = pipeline.eval_command(cfg, "x/final", tmp_path / "e")
+    assert s1[s1.index("--eval_limit") + 1] == "7" == ev[ev.index("--eval_limit") + 1]
+    assert s1.index("--eval_limit") < s1.index("--max_steps")           # the user's stage-1 flags come last
+    assert ev[ev.index("--mode") + 1] == "eval" and ev[ev.index("--model") + 1] == "x/final"
+
+
+def test_dry_run_prints_the_four_commands_and_runs_nothing(tmp_path, capsys):
+    pipeline.main(["--out_dir", str(tmp_path), "--dry_run", "true", "--stage4", "--group_size 16"])
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.strip()]
+    assert [next(s for _, s, _ in pipeline.STAGES if s in x) for x in lines] == [s for _, s, _ in pipeline.STAGES]
+    assert lines[3].endswith("--group_size 16") and str(tmp_path / "3_distill" / "final") in lines[3]
+    assert not any((tmp_path / n).exists() for n, *_ in pipeline.STAGES) and not (tmp_path / "report.md").exists()

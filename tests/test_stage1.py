@@ -379,7 +379,23 @@ def test_score_responses_counts_verdicts():
     c = S1.score_responses([task] * 3, texts, lambda t, x: S1.default_grader(t, x))
     assert c["n"] == 3 and c["correct"] == 2 and c["first_correct"] == 1
     assert c["with_verification"] == 2 and c["verdicts"] == 3 and c["verdicts_right"] == 2
+    assert c["verdicts_on_correct"] == 1  # an always-"correct" verifier: right on 1 of the 3 checked attempts
     assert c["answered"] == 3 and c["attempts"] == 4
+
+
+def test_eval_reports_the_transfer_split_apart(tmp_path):
+    """--mode eval grades the transfer split like math but reports it as transfer_* (and tags its
+    responses), beside the regular math set, never mixed into it."""
+    s = S1.main(["--mode", "eval", *TINY, "--eval_limit", "2", "--eval_transfer_limit", "3", "--eval_max_new_tokens", "4",
+                 "--eval_loss_limit", "0", "--out_dir", str(tmp_path)])
+    ev = s["eval"]
+    assert ev["math_n"] == 2 and ev["transfer_n"] == 3
+    assert 0 <= ev["transfer_acc"] <= 1 and 0 <= ev["transfer_answered"] <= 1
+    rows = [json.loads(x) for x in (tmp_path / "eval_responses.jsonl").read_text().splitlines()]
+    transfer = {r["prompt"] for r in rows if r["domain"] == "transfer"}
+    assert len(transfer) == 3 and not transfer & {r["prompt"] for r in rows if r["domain"] == "math"}
+    qs = {json.loads(x)["question"] for x in open(S1.C.resolve_path("data/math_transfer.jsonl"))}
+    assert transfer <= qs
 
 
 def test_step_rows_exact_count_and_resumable(tok):
@@ -400,7 +416,8 @@ def test_step_rows_exact_count_and_resumable(tok):
 # ----------------------------------------------------------------------------------------------
 # CLI runs: build fixture, learning, resume, 1 process x accum 2 == 2 processes x accum 1
 
-TINY = ["--model", "tiny", "--precision", "fp32", "--device", "cpu", "--eval_limit", "0", "--eval_code_limit", "0"]
+TINY = ["--model", "tiny", "--precision", "fp32", "--device", "cpu", "--eval_limit", "0", "--eval_code_limit", "0",
+        "--eval_transfer_limit", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -417,6 +434,24 @@ def trajectories(tmp_path_factory):
     assert sum(not r["sampled"] for r in rows) == 5
     assert all(r["pass_rate"] is None and r["difficulty"] == 1 for r in rows if not r["sampled"])
     return str(path)
+
+
+def test_sample_instruction_is_in_the_sampled_prompts_only(tmp_path, monkeypatch):
+    """--sample_instruction follows each math question when the K attempts are sampled; the
+    trajectories the model is trained on keep the bare question."""
+    seen = []
+
+    def fake_generate(policy, tok, prompts, *a, **kw):
+        seen.extend(tok.decode(p) for p in prompts)
+        return ["The answer is 1."] * len(prompts)
+
+    monkeypatch.setattr(S1.S, "generate_texts", fake_generate)
+    res = S1.main(["--mode", "build", *TINY, "--out_dir", str(tmp_path), "--build_math_questions", "3",
+                   "--build_code_questions", "1", "--k_samples", "2", "--sample_instruction", " Say X."])
+    assert res["trajectories"] == 4 and len(seen) == 8
+    assert sum(" Say X." in p for p in seen) == 6  # the math prompts, not the code task's
+    rows = [json.loads(x) for x in (tmp_path / "trajectories.jsonl").read_text().splitlines()]
+    assert not any("Say X." in m.get("content", "") for r in rows for m in r["messages"])
 
 
 def test_train_wrong_attempts_flag_turns_the_mask_off(tok, trajectories):
