@@ -24,7 +24,7 @@ Modes (`--mode`)
          model's own wrong samples (too few: a perturbed reference solution with a wrong final
          answer, counted); the final attempt is a model sample graded correct when there is one,
          else the dataset's reference solution (counted). Writes `--trajectories` (chat JSONL).
-         Defaults: the faithful recipe, K = 8 for 192 math questions and 8 code tasks. The K
+         Defaults: the faithful recipe, K = 8 for 128 math questions and 8 code tasks. The K
          attempts are sampled with `--sample_instruction` after the question (the trajectory keeps
          the bare question): without it the embedded model rarely states a final answer in 64
          tokens, and a wrong attempt's verification then only says "never states a final answer"
@@ -145,7 +145,7 @@ class Config:
     math_instruction: str = C.arg("", "text appended to every math question (train and eval); '' = none")
     # build (S2R stage 0)
     trajectories: str = C.arg("", "trajectories JSONL ('' = out_dir/trajectories.jsonl); built if missing")
-    build_math_questions: int = C.arg(192, "math questions sampled for trajectories (0 = none)")
+    build_math_questions: int = C.arg(128, "math questions sampled for trajectories (0 = none)")
     build_code_questions: int = C.arg(8, "code tasks sampled for trajectories (0 = none)")
     unsampled_math_questions: int = C.arg(0, "extra math questions NOT sampled (cheap): perturbed-reference "
                                          "wrong attempts, reference final attempt (see docstring)")

@@ -1069,7 +1069,7 @@ def evaluate(model, tok, cfg: Config, sets: dict, d, dtype) -> dict:
                 g = S.generate(m, [t["prompt_ids"] for t in chunk], cfg.max_new_tokens, tok.eos_token_id,
                                tok.pad_token_id, temperature=0.0)
             texts += [tok.decode(g.response_ids(j), skip_special_tokens=True) for j in range(len(chunk))]
-        speed = generation_speed(model, [t["prompt_ids"] for t in tasks][:cfg.speed_batch], cfg, d, dtype)
+        speed = generation_speed(model, sets["speed"], cfg, d, dtype)
     attempts = [V.split_trajectory(x) for x in texts]
     last = verifier_scores([(t, st[-1]["attempt"]) for t, st in zip(tasks, attempts)], cfg)
     first = list(last)  # one attempt: the first is the last, graded once
@@ -1129,8 +1129,12 @@ def heldout_kl(student, teacher, samples: list[dict], cfg: Config, d, dtype, pad
 
 
 def load_eval_sets(cfg: Config, tok, skipped: Counter) -> dict:
-    """{"math": tasks, "code": tasks, "kl": samples (the held-out references through the template)}."""
+    """{"math": tasks, "code": tasks, "kl": samples (the held-out references through the template),
+    "speed": the prompt ids of the speed measurement (the first --speed_batch math questions, also
+    when the math eval is off)}."""
     sets = {"math": [], "code": [], "kl": []}
+    sets["speed"] = [t["prompt_ids"] for t in load_tasks([f"math={cfg.math_test}"], tok, cfg.speed_batch, 10 ** 9,
+                                                         Counter(), "speed")] if cfg.math_test and cfg.speed_batch else []
     if cfg.math_test and cfg.eval_limit > 0:
         sets["math"] = load_tasks([f"math={cfg.math_test}"], tok, cfg.eval_limit, 10 ** 9, skipped, "eval math")
     if cfg.code_test and cfg.code_eval_limit > 0:

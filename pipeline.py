@@ -15,7 +15,7 @@ out_dir/timings.json (a resumed stage adds the time of each attempt).
 
 Stage by stage: 01_cold_start_sft.py (from the embedded model or --model), 02_overall_sft.py
 --model <stage 1>/final (its reasoning data: stage 1's S2R trajectories, `--reasoning s2r`),
-03_distill.py --teacher <stage 2>/final (student: its 15-layer copy),
+03_distill.py --teacher <stage 2>/final (student: its 24-layer copy, see STAGE_FLAGS),
 04_rl.py --model <stage 3>/final. Nothing clever: it builds four command lines and runs them.
 """
 from __future__ import annotations
@@ -42,8 +42,13 @@ STAGES = (  # (name, script, flag that takes the previous stage's final/)
 )
 # Flags the pipeline gives a stage before the user's --stageN flags. Stages 2 and 3 skip their own
 # math (and code) evals: the pipeline's eval of every final/ measures each model on the same
-# questions; stage 2 keeps its agent eval, stage 3 its KL and speed.
-STAGE_FLAGS = {1: ["--math_test", ""], 2: ["--eval_limit", "0", "--code_eval_limit", "0"]}
+# questions; stage 2 keeps its agent eval, stage 3 its KL and speed. The rest fits the 20-minute
+# budget (README): stage 2 12 steps; stage 3 a 24-layer student (the 15-layer default lost all of
+# the teacher's math and most of its verification format: measured), 48 prompts per source, DPO
+# pairs from 24 of them.
+STAGE_FLAGS = {1: ["--math_test", "", "--max_steps", "12"],
+               2: ["--eval_limit", "0", "--code_eval_limit", "0", "--student_layers", "24", "--prompt_limit", "48",
+                   "--pref_prompts", "24"]}
 
 
 @dataclass
