@@ -177,16 +177,20 @@ def plot_eval(out: Path, rows: list[tuple[str, dict]]) -> str | None:
     import matplotlib.pyplot as plt
 
     (out / "plots").mkdir(exist_ok=True)
-    fig, ax = plt.subplots(figsize=(8, 3.5))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
     x = list(range(len(rows)))
-    for key, label in (("math_acc", "math (last attempt)"), ("math_acc_first", "math (first attempt)"),
-                       ("transfer_acc", "transfer split"), ("math_with_verification", "verification rate")):
-        ax.plot(x, [r.get(key) if r.get(key) is not None else float("nan") for _, r in rows], marker="o", label=label)
-    ax.set_xticks(x, [m.replace("after ", "").replace(" (", "\n(") for m, _ in rows], fontsize=8)
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_ylabel("fraction (held-out, greedy)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    panels = ((("math_acc", "math (last attempt)"), ("math_acc_first", "math (first attempt)"),
+               ("transfer_acc", "transfer split"), ("code_acc", "code")),
+              (("math_with_verification", "answers with a verification"), ("math_verdict_acc", "verdict accuracy"),
+               ("math_verdict_always_correct", "verdict acc. of always 'correct'")))
+    for ax, keys, title in zip(axes, panels, ("held-out accuracy (greedy)", "self-verification (held-out math)")):
+        for key, label in keys:
+            ax.plot(x, [r.get(key) if r.get(key) is not None else float("nan") for _, r in rows], marker="o", label=label)
+        ax.set_xticks(x, [m.replace("after ", "").replace(" (", "\n(") for m, _ in rows], fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.set_ylim(bottom=-0.01)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "plots" / "math_by_stage.png", dpi=90)
     plt.close(fig)
