@@ -122,6 +122,9 @@ def run_stages(cfg: Config) -> dict:
         elif (final / "config.json").exists():
             print(f"[pipeline] {name}: done ({final}), skipped", flush=True)
         else:
+            if i == 1 and cfg.reasoning != "plain" and not (out / STAGES[0][0] / "trajectories.jsonl").exists():
+                raise SystemExit("[pipeline] stage 1 wrote no trajectories.jsonl (a plain or cot_pretrain stage 1?): "
+                                 "give --reasoning plain for stage 2's own reasoning data")
             env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")) if cfg.nproc > 1 else None
             run(command(cfg, i, prev), name, timings, tfile, env)
             shutil.rmtree(out / "eval" / name, ignore_errors=True)  # an eval of an earlier final/ is stale

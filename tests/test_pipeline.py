@@ -76,6 +76,11 @@ def test_pipeline_chains_stages_writes_report_and_continues(tmp_path, capsys):
 def test_a_failing_stage_stops_the_pipeline_with_a_clear_message(tmp_path):
     with pytest.raises(SystemExit, match="1_cold_start_sft failed"):
         pipeline.main(args(tmp_path / "bad", stage1="--no_such_flag 1"))
+    done = tmp_path / "plain" / "1_cold_start_sft" / "final"  # a finished stage 1 without trajectories
+    done.mkdir(parents=True)
+    (done / "config.json").write_text("{}")
+    with pytest.raises(SystemExit, match="--reasoning plain"):
+        pipeline.main(args(tmp_path / "plain"))
 
 
 def test_stage_2_reasoning_source_is_stage_1s_trajectories_by_default(tmp_path):
@@ -109,3 +114,22 @@ def test_dry_run_prints_the_four_commands_and_runs_nothing(tmp_path, capsys):
     assert [next(s for _, s, _ in pipeline.STAGES if s in x) for x in lines] == [s for _, s, _ in pipeline.STAGES]
     assert lines[3].endswith("--group_size 16") and str(tmp_path / "3_distill" / "final") in lines[3]
     assert not any((tmp_path / n).exists() for n, *_ in pipeline.STAGES) and not (tmp_path / "report.md").exists()
+
+
+def test_readme_gpu_full_configuration_parses_for_every_stage():
+    """The README's "full configuration" command is not run here (no GPU), but every flag in it must
+    exist: each stage's command line, as the pipeline builds it, parses into that stage's Config."""
+    import importlib.util
+    import shlex
+    block = (ROOT / "README.md").read_text().split("NPROC=8 python pipeline.py --device cuda", 1)[1]
+    argv = shlex.split(block.split("```", 1)[0].replace("\\\n", " "))
+    cfg = pipeline.C.parse_config(pipeline.Config, ["--device", "cuda", *argv])
+    for i, (_, script, _) in enumerate(pipeline.STAGES):
+        spec = importlib.util.spec_from_file_location(f"_full_{i}", ROOT / script)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up
+        spec.loader.exec_module(module)
+        cmd = pipeline.command(cfg, i, "prev/final")
+        stage_cfg = pipeline.C.parse_config(module.Config, cmd[cmd.index(str(ROOT / script)) + 1:])
+        assert stage_cfg.device == "cuda"
+    assert "--eval_limit" in pipeline.eval_command(cfg, "m", ROOT / "x")
