@@ -152,23 +152,39 @@ def _trl_timing_callback(times: list):
     return Timing()
 
 
-def run_trl_sft(work: Path) -> dict:
+def _trl_inputs(work: Path, rows_file: str):
+    """What every TRL run starts from: bf16 where `--precision auto` would pick it, the student and
+    its tokenizer (fp32 master weights, as ours), and the rows of work/rows_file."""
     import torch
-    from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
 
     import common as C
     bf16 = C.resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
     tok = AutoTokenizer.from_pretrained(work / "model")
     model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32)
-    data = Dataset.from_list([json.loads(x) for x in (work / "sft.jsonl").read_text().splitlines()])
+    return bf16, tok, model, [json.loads(x) for x in (work / rows_file).read_text().splitlines()]
+
+
+def _trl_args(out: str, bf16: bool, constant_lr: bool = True) -> dict:
+    """The TrainingArguments every TRL run shares (CPU, no logging / saving, seed 0); constant_lr:
+    lr 1e-4, constant, no weight decay, clip 1.0 (our SFT-like steps' settings)."""
+    common = dict(output_dir=out, bf16=bf16, use_cpu=True, logging_steps=1000, save_strategy="no", report_to="none",
+                  dataloader_num_workers=0, seed=0)
+    return common | (dict(learning_rate=1e-4, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0)
+                     if constant_lr else {})
+
+
+def run_trl_sft(work: Path) -> dict:
+    import torch
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    bf16, tok, model, rows = _trl_inputs(work, "sft.jsonl")
+    data = Dataset.from_list(rows)
     times = []
     with tempfile.TemporaryDirectory() as out:
-        args = SFTConfig(output_dir=out, max_steps=SFT_STEPS, per_device_train_batch_size=SFT_BATCH, learning_rate=1e-4,
-                         lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0, bf16=bf16, use_cpu=True,
-                         logging_steps=1000, save_strategy="no", report_to="none", max_length=SFT_LEN, packing=False,
-                         dataloader_num_workers=0, seed=0)
+        args = SFTConfig(**_trl_args(out, bf16), max_steps=SFT_STEPS, per_device_train_batch_size=SFT_BATCH,
+                         max_length=SFT_LEN, packing=False)
         SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
                    callbacks=[_trl_timing_callback(times)]).train()
     step_s = statistics.median(times[1:])
@@ -194,17 +210,11 @@ def run_ours_grpo(work: Path, steps: int) -> dict:
 
 
 def run_trl_grpo(work: Path, steps: int) -> dict:
-    import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
-    import common as C
     import verify as V
-    bf16 = C.resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
-    tok = AutoTokenizer.from_pretrained(work / "model")
-    model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32)
-    rows = [json.loads(x) for x in (work / "prompts.jsonl").read_text().splitlines()]
+    bf16, tok, model, rows = _trl_inputs(work, "prompts.jsonl")
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["question"]}], "answer": r["answer"]} for r in rows])
     reward_time = [0.0]
 
@@ -215,10 +225,9 @@ def run_trl_grpo(work: Path, steps: int) -> dict:
         return out
     times = []
     with tempfile.TemporaryDirectory() as out:
-        args = GRPOConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=GRPO_PROMPTS * GRPO_G,
-                          num_generations=GRPO_G, max_completion_length=GRPO_NEW, temperature=1.0, beta=0.0,
-                          learning_rate=1e-6, bf16=bf16, use_cpu=True, logging_steps=1000, save_strategy="no",
-                          report_to="none", seed=0, dataloader_num_workers=0)
+        args = GRPOConfig(**_trl_args(out, bf16, constant_lr=False), max_steps=steps,
+                          per_device_train_batch_size=GRPO_PROMPTS * GRPO_G, num_generations=GRPO_G,
+                          max_completion_length=GRPO_NEW, temperature=1.0, beta=0.0, learning_rate=1e-6)
         GRPOTrainer(model=model, reward_funcs=[math_reward], args=args, train_dataset=data, processing_class=tok,
                     callbacks=[_trl_timing_callback(times)]).train()
     return {"step_s": statistics.median(times[1:]), "reward_s": reward_time[0] / max(steps, 1), "rss_mib": peak_rss_mib()}
@@ -263,21 +272,16 @@ def run_ours_gkd(work: Path) -> dict:
 def run_trl_gkd(work: Path) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-    import common as C
-    bf16 = C.resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
-    tok = AutoTokenizer.from_pretrained(work / "model")
-    model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32)
+    bf16, tok, model, rows = _trl_inputs(work, "kd.jsonl")
     teacher = AutoModelForCausalLM.from_pretrained(work / "teacher", dtype=torch.float32)
-    data = Dataset.from_list([json.loads(x) for x in (work / "kd.jsonl").read_text().splitlines()])
+    data = Dataset.from_list(rows)
     times = []
     with tempfile.TemporaryDirectory() as out:
-        args = GKDConfig(output_dir=out, max_steps=KD_STEPS, per_device_train_batch_size=KD_BATCH, learning_rate=1e-4,
-                         lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0, bf16=bf16, use_cpu=True,
-                         logging_steps=1000, save_strategy="no", report_to="none", max_length=KD_MAX_LEN,
-                         lmbda=0.0, beta=0.5, temperature=1.0, seq_kd=False, dataloader_num_workers=0, seed=0)
+        args = GKDConfig(**_trl_args(out, bf16), max_steps=KD_STEPS, per_device_train_batch_size=KD_BATCH,
+                         max_length=KD_MAX_LEN, lmbda=0.0, beta=0.5, temperature=1.0, seq_kd=False)
         GKDTrainer(model=model, teacher_model=teacher, args=args, train_dataset=data, processing_class=tok,
                    callbacks=[_trl_timing_callback(times)]).train()
     return {"step_s": statistics.median(times[1:]), "rss_mib": peak_rss_mib(), "bf16": bf16}
@@ -312,25 +316,17 @@ def run_ours_dpo(work: Path) -> dict:
 
 
 def run_trl_dpo(work: Path) -> dict:
-    import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    import common as C
-    bf16 = C.resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
-    tok = AutoTokenizer.from_pretrained(work / "model")
-    model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32)
-    rows = [json.loads(x) for x in (work / "pref.jsonl").read_text().splitlines()]
+    bf16, tok, model, rows = _trl_inputs(work, "pref.jsonl")
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
                                "chosen": [{"role": "assistant", "content": r["chosen"]}],
                                "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows])
     times = []
     with tempfile.TemporaryDirectory() as out:
-        args = DPOConfig(output_dir=out, max_steps=KD_STEPS, per_device_train_batch_size=KD_BATCH, learning_rate=1e-4,
-                         lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0, bf16=bf16, use_cpu=True,
-                         logging_steps=1000, save_strategy="no", report_to="none", max_length=KD_MAX_LEN, beta=0.1,
-                         precompute_ref_log_probs=True, dataloader_num_workers=0, seed=0)
+        args = DPOConfig(**_trl_args(out, bf16), max_steps=KD_STEPS, per_device_train_batch_size=KD_BATCH,
+                         max_length=KD_MAX_LEN, beta=0.1, precompute_ref_log_probs=True)
         DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
                    callbacks=[_trl_timing_callback(times)]).train()
     return {"step_s": statistics.median(times[1:]), "rss_mib": peak_rss_mib(), "bf16": bf16}
