@@ -291,7 +291,7 @@ def write_report(out: Path, timings: dict) -> Path:
     lines += (["", f"![{plot}]({plot})"] if plot else [])
     lines += ["", "## Each stage's own metric (before = the stage's input model, after = its output)", "",
               "| stage | metric | before | after |", "|---|---|---|---|"]
-    lines += [f"| {s} | {k} | {fmt(a)} | {fmt(b)} |" for s, k, a, b in stage_rows(out)]
+    lines += [f"| {s} | {k} | {fmt(a)} | {fmt(b)} |" for s, k, a, b in stage_rows(out) if (a, b) != (None, None)]
     lines += ["", "| stage | wall time (min) |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
     lines += [f"| total | {sum(timings.values()):.1f} |", "", "## Training curves", ""]
