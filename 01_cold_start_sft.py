@@ -24,7 +24,7 @@ Modes (`--mode`)
          model's own wrong samples (too few: a perturbed reference solution with a wrong final
          answer, counted); the final attempt is a model sample graded correct when there is one,
          else the dataset's reference solution (counted). Writes `--trajectories` (chat JSONL).
-         Defaults: the faithful recipe, K = 8 for 128 math questions and 8 code tasks. The K
+         Defaults: the faithful recipe, K = 8 for 112 math questions and 24 code tasks. The K
          attempts are sampled with `--sample_instruction` after the question (the trajectory keeps
          the bare question): without it the embedded model rarely states a final answer in 64
          tokens, and a wrong attempt's verification then only says "never states a final answer"
@@ -145,8 +145,8 @@ class Config:
     math_instruction: str = C.arg("", "text appended to every math question (train and eval); '' = none")
     # build (S2R stage 0)
     trajectories: str = C.arg("", "trajectories JSONL ('' = out_dir/trajectories.jsonl); built if missing")
-    build_math_questions: int = C.arg(128, "math questions sampled for trajectories (0 = none)")
-    build_code_questions: int = C.arg(8, "code tasks sampled for trajectories (0 = none)")
+    build_math_questions: int = C.arg(112, "math questions sampled for trajectories (0 = none)")
+    build_code_questions: int = C.arg(24, "code tasks sampled for trajectories (0 = none)")
     unsampled_math_questions: int = C.arg(0, "extra math questions NOT sampled (cheap): perturbed-reference "
                                          "wrong attempts, reference final attempt (see docstring)")
     unsampled_code_questions: int = C.arg(0, "extra code tasks not sampled (mutated-reference wrong attempts)")
@@ -187,11 +187,11 @@ class Config:
     wandb_project: str = C.arg("", "wandb project (offline unless WANDB_MODE says otherwise); '' = off")
     # eval
     eval_limit: int = C.arg(40, "held-out math questions (stratified over difficulty); 0 = none")
-    eval_code_limit: int = C.arg(6, "held-out code tasks; 0 = none")
+    eval_code_limit: int = C.arg(24, "held-out code tasks; 0 = none")
     eval_transfer_limit: int = C.arg(40, "transfer-split math questions (stratified over difficulty); 0 = none")
     eval_difficulties: list[int] = C.arg([1, 2, 3, 4, 5], "difficulty levels of the held-out questions")
     eval_max_new_tokens: int = C.arg(128, "max new tokens per eval response (greedy)")
-    eval_batch_size: int = C.arg(48, "prompts per generate call during eval")
+    eval_batch_size: int = C.arg(52, "prompts per generate call during eval")
     eval_loss_limit: int = C.arg(16, "held-out samples for the teacher-forced loss")
     eval_every: int = C.arg(0, "held-out loss every N steps (0 = only start / end, with the full eval)")
 

@@ -16,7 +16,8 @@ out_dir/timings.json (a resumed stage adds the time of each attempt).
 Stage by stage: 01_cold_start_sft.py (from the embedded model or --model), 02_overall_sft.py
 --model <stage 1>/final (its reasoning data: stage 1's S2R trajectories, `--reasoning s2r`),
 03_distill.py --teacher <stage 2>/final (student: its 24-layer copy, see STAGE_FLAGS),
-04_rl.py --model <stage 3>/final. Nothing clever: it builds four command lines and runs them.
+04_rl.py --mode train_reward_model (a reward model on the student) then 04_rl.py --model
+<stage 3>/final. Nothing clever: it builds five command lines and runs them.
 """
 from __future__ import annotations
 
@@ -44,11 +45,14 @@ STAGES = (  # (name, script, flag that takes the previous stage's final/)
 # math (and code) evals: the pipeline's eval of every final/ measures each model on the same
 # questions; stage 2 keeps its agent eval, stage 3 its KL and speed. The rest fits the 20-minute
 # budget (README): stage 2 12 steps; stage 3 a 24-layer student (the 15-layer default lost all of
-# the teacher's math and most of its verification format: measured), 48 prompts per source, DPO
-# pairs from 24 of them.
+# the teacher's math and most of its verification format: measured), 18 steps, 40 prompts per
+# source, DPO pairs from 20 of them; stage 4 6 GRPO steps and, before them, a Bradley-Terry reward
+# model (20 steps) on the student (RM_FLAGS), measured on the held-out preference pairs.
 STAGE_FLAGS = {1: ["--math_test", "", "--max_steps", "12"],
-               2: ["--eval_limit", "0", "--code_eval_limit", "0", "--student_layers", "24", "--prompt_limit", "48",
-                   "--pref_prompts", "24"]}
+               2: ["--eval_limit", "0", "--code_eval_limit", "0", "--student_layers", "24", "--max_steps", "18",
+                   "--prompt_limit", "40", "--pref_prompts", "20"],
+               3: ["--stages", "stem:data/math_train.jsonl:6", "--eval_kinds", "stem"]}
+RM_FLAGS = ["--mode", "train_reward_model", "--rm_steps", "20"]
 
 
 @dataclass
@@ -61,7 +65,8 @@ class Config:
     stage1: str = C.arg("", "extra flags for stage 1 (one string, shlex-split)")
     stage2: str = C.arg("", "extra flags for stage 2")
     stage3: str = C.arg("", "extra flags for stage 3")
-    stage4: str = C.arg("", "extra flags for stage 4")
+    stage4: str = C.arg("", "extra flags for stage 4 (its RL run; the reward model's: --rm)")
+    rm: str = C.arg("", "extra flags for stage 4's reward-model training (04_rl.py --mode train_reward_model)")
     reasoning: str = C.arg("s2r", "stage 2's reasoning data: s2r = stage 1's S2R trajectories (the reflective "
                                   "format carried on), plain = the CoT solutions of data/math_train.jsonl (stage 2's "
                                   "own default), both (measured: README)")
@@ -71,10 +76,13 @@ class Config:
     dry_run: bool = C.arg(False, "print the command lines (e.g. to launch each stage on several nodes) and stop")
 
 
+def launcher(cfg: Config) -> list[str]:
+    return [sys.executable] if cfg.nproc <= 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cfg.nproc)]
+
+
 def command(cfg: Config, i: int, prev: str) -> list[str]:
     name, script, flag = STAGES[i]
-    launch = [sys.executable] if cfg.nproc <= 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cfg.nproc)]
     extra = shlex.split([cfg.stage1, cfg.stage2, cfg.stage3, cfg.stage4][i])
     carry = []
     s2r = Path(cfg.out_dir) / STAGES[0][0] / "trajectories.jsonl"
@@ -83,8 +91,15 @@ def command(cfg: Config, i: int, prev: str) -> list[str]:
                  *(["reasoning=data/math_train.jsonl:1"] if cfg.reasoning == "both" else []), f"reflective={s2r}:1"]
     if i == 0:  # stage 1's start / end evals are the first two rows of the pipeline's eval table
         carry = shlex.split(cfg.eval)
-    return launch + [str(ROOT / script), flag, prev, "--out_dir", str(Path(cfg.out_dir) / name),
+    return launcher(cfg) + [str(ROOT / script), flag, prev, "--out_dir", str(Path(cfg.out_dir) / name),
                      "--device", cfg.device, *carry, *STAGE_FLAGS.get(i, []), *extra]
+
+
+def rm_command(cfg: Config, prev: str) -> list[str]:
+    """Stage 4's Bradley-Terry reward model on the student (prev), saved to 4_rl/reward_model with
+    its held-out pairwise accuracy before (random head) and after (rm_eval.json)."""
+    return launcher(cfg) + [str(ROOT / STAGES[3][1]), "--model", prev, "--out_dir", str(Path(cfg.out_dir) / STAGES[3][0]),
+                            "--device", cfg.device, *RM_FLAGS, *shlex.split(cfg.rm)]
 
 
 def eval_command(cfg: Config, model: str, out_dir: Path) -> list[str]:
@@ -118,7 +133,8 @@ def run_stages(cfg: Config) -> dict:
     for i, (name, script, _) in enumerate(STAGES):
         final = out / name / "final"
         if cfg.dry_run:
-            print(shlex.join(command(cfg, i, prev)), flush=True)
+            print("\n".join(shlex.join(c) for c in ([rm_command(cfg, prev)] if i == 3 else []) + [command(cfg, i, prev)]),
+                  flush=True)
         elif (final / "config.json").exists():
             print(f"[pipeline] {name}: done ({final}), skipped", flush=True)
         else:
@@ -126,6 +142,8 @@ def run_stages(cfg: Config) -> dict:
                 raise SystemExit("[pipeline] stage 1 wrote no trajectories.jsonl (a plain or cot_pretrain stage 1?): "
                                  "give --reasoning plain for stage 2's own reasoning data")
             env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")) if cfg.nproc > 1 else None
+            if i == 3 and not (out / name / "reward_model" / "rm_eval.json").exists():
+                run(rm_command(cfg, prev), "4_reward_model", timings, tfile, env)
             run(command(cfg, i, prev), name, timings, tfile, env)
             shutil.rmtree(out / "eval" / name, ignore_errors=True)  # an eval of an earlier final/ is stale
         if i > 0 and not cfg.dry_run and not (out / "eval" / name / "eval_summary.json").exists():
@@ -218,6 +236,11 @@ def headline(out: Path, rows: list[tuple[str, dict]]) -> list[str]:
                          f"of {teacher['math_n']}, decoding {fmt(s3.get('speedup_vs_teacher'))}x the teacher's "
                          f"tokens/s ({s3.get('student_params', 0) / 1e6:.0f}M vs {s3.get('teacher_params', 0) / 1e6:.0f}M "
                          f"parameters).")
+    rm = read_json(out / STAGES[3][0] / "reward_model" / "rm_eval.json")
+    if rm:
+        out_lines.append(f"- Reward model (stage 4, on the student): held-out pairwise accuracy "
+                         f"{rm['rm_test_acc_before']:.2f} with its untrained head -> {rm['rm_test_acc_after']:.2f} "
+                         f"({rm['n_test']} pairs).")
     return out_lines
 
 
@@ -239,6 +262,9 @@ def stage_rows(out: Path) -> list[tuple[str, str, object, object]]:
             rows.append(("3 distill (student)", k, s3["start"].get(k), s3["end"].get(k)))
         rows.append(("3 distill", "teacher math_acc", s3.get("teacher_eval", {}).get("math_acc"), None))
         rows.append(("3 distill", "student speed-up vs teacher", None, s3.get("speedup_vs_teacher")))
+    rm = read_json(out / "4_rl" / "reward_model" / "rm_eval.json")
+    if rm:
+        rows.append(("4 reward model", "pairwise acc (held-out pairs)", rm["rm_test_acc_before"], rm["rm_test_acc_after"]))
     s4 = read_json(out / "4_rl" / "summary.json")
     if s4:
         for k in ("math_acc", "code_pass"):

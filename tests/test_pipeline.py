@@ -23,6 +23,7 @@ TINY = {
               "--max_prompt_len 300 --max_len 400",
     "stage4": "--precision fp32 --stages stem:data/math_train.jsonl:1 --eval_limit 1 --eval_max_new_tokens 2 "
               "--max_new_tokens 2 --eval_kinds stem",
+    "rm": "--precision fp32 --rm_steps 1 --rm_batch_pairs 2",
 }
 
 
@@ -59,7 +60,10 @@ def test_pipeline_chains_stages_writes_report_and_continues(tmp_path, capsys):
     assert pngs == ["1_cold_start_sft.png", "2_overall_sft.png", "3_distill.png", "4_rl.png", "math_by_stage.png"]
     assert all((out / "plots" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     t1 = json.loads((out / "timings.json").read_text())
-    assert set(t1) == {n for n, *_ in pipeline.STAGES} | {f"eval_{n}" for n, *_ in pipeline.STAGES[1:]}
+    assert set(t1) == {n for n, *_ in pipeline.STAGES} | {f"eval_{n}" for n, *_ in pipeline.STAGES[1:]} | {"4_reward_model"}
+    rm_row = next(x for x in report.splitlines() if x.startswith("| 4 reward model | pairwise acc"))
+    assert all(0.0 <= float(c) <= 1.0 for c in rm_row.strip("|").split("|")[2:4]), rm_row
+    assert "- Reward model (stage 4, on the student): held-out pairwise accuracy" in report
     # run again after "losing" stage 4: stages 1-3 are skipped, only 4 runs (its time adds up) and is evaluated again
     import shutil
     shutil.rmtree(out / "4_rl" / "final")
@@ -71,6 +75,7 @@ def test_pipeline_chains_stages_writes_report_and_continues(tmp_path, capsys):
     t2 = json.loads((out / "timings.json").read_text())
     assert t2["4_rl"] > t1["4_rl"] and t2["1_cold_start_sft"] == t1["1_cold_start_sft"]
     assert t2["eval_4_rl"] > t1["eval_4_rl"] and t2["eval_3_distill"] == t1["eval_3_distill"]
+    assert t2["4_reward_model"] == t1["4_reward_model"]                  # its reward model was kept
 
 
 def test_a_failing_stage_stops_the_pipeline_with_a_clear_message(tmp_path):
@@ -108,11 +113,14 @@ def test_eval_flags_reach_stage_1_and_the_eval_runs_alike(tmp_path):
     assert ev[ev.index("--mode") + 1] == "eval" and ev[ev.index("--model") + 1] == "x/final"
 
 
-def test_dry_run_prints_the_four_commands_and_runs_nothing(tmp_path, capsys):
-    pipeline.main(["--out_dir", str(tmp_path), "--dry_run", "true", "--stage4", "--group_size 16"])
+def test_dry_run_prints_the_five_commands_and_runs_nothing(tmp_path, capsys):
+    pipeline.main(["--out_dir", str(tmp_path), "--dry_run", "true", "--stage4", "--group_size 16", "--rm", "--rm_steps 3"])
     lines = [x for x in capsys.readouterr().out.splitlines() if x.strip()]
-    assert [next(s for _, s, _ in pipeline.STAGES if s in x) for x in lines] == [s for _, s, _ in pipeline.STAGES]
-    assert lines[3].endswith("--group_size 16") and str(tmp_path / "3_distill" / "final") in lines[3]
+    assert [next(s for _, s, _ in pipeline.STAGES if s in x) for x in lines] == \
+        [s for _, s, _ in pipeline.STAGES[:3]] + [pipeline.STAGES[3][1]] * 2
+    assert "--mode train_reward_model" in lines[3] and lines[3].endswith("--rm_steps 3")   # the reward model first
+    assert lines[4].endswith("--group_size 16") and str(tmp_path / "3_distill" / "final") in lines[4]
+    assert str(tmp_path / "3_distill" / "final") in lines[3] and "--group_size" not in lines[3]
     assert not any((tmp_path / n).exists() for n, *_ in pipeline.STAGES) and not (tmp_path / "report.md").exists()
 
 
@@ -132,4 +140,9 @@ def test_readme_gpu_full_configuration_parses_for_every_stage():
         cmd = pipeline.command(cfg, i, "prev/final")
         stage_cfg = pipeline.C.parse_config(module.Config, cmd[cmd.index(str(ROOT / script)) + 1:])
         assert stage_cfg.device == "cuda"
+        if i == 3:  # the reward model's command too; the CPU budget's 6 RL steps do not cap the GPU run
+            rm_cmd = pipeline.rm_command(cfg, "prev/final")
+            rm_cfg = pipeline.C.parse_config(module.Config, rm_cmd[rm_cmd.index(str(ROOT / script)) + 1:])
+            assert rm_cfg.mode == "train_reward_model" and rm_cfg.rm_steps == 2000
+            assert stage_cfg.max_steps == -1 and ":400" in stage_cfg.stages and stage_cfg.eval_kinds == ["auto"]
     assert "--eval_limit" in pipeline.eval_command(cfg, "m", ROOT / "x")
