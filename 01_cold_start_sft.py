@@ -174,7 +174,7 @@ class Config:
     overlong: str = C.arg("drop", "drop | truncate samples longer than max_len (counted)")
     micro_batch_size: int = C.arg(1, "rows per forward pass per rank")
     grad_accum: int = C.arg(1, "micro-batches per optimizer step per rank")
-    lr: float = C.arg(2e-4, "peak learning rate (full fine-tuning)")
+    lr: float = C.arg(1e-4, "peak learning rate (full fine-tuning; 2e-4 lost more code: README)")
     min_lr_ratio: float = C.arg(0.1, "final lr = min_lr_ratio * lr (cosine)")
     warmup_steps: int = C.arg(5, "linear warmup steps")
     weight_decay: float = C.arg(0.0, "AdamW weight decay (not on norms / biases)")
@@ -786,7 +786,9 @@ def score_responses(tasks: list[dict], texts: list[str], grade) -> Counter:
     """Counts over responses: n, correct (last attempt), first_correct, answered (math: a final
     answer), with_verification, verdicts, verdicts_right (verdict == real correctness of the
     attempt it checks), verdicts_on_correct (checked attempts that are correct: the verdict
-    accuracy of a verifier that always says "correct"), grade_failed. grade(task, text) -> (ok | None, info)."""
+    accuracy of a verifier that always says "correct"), verdicts_right_on_correct (of those, the
+    ones it called correct; with the others this gives the balanced accuracy, where both constant
+    verifiers score 1/2), grade_failed. grade(task, text) -> (ok | None, info)."""
     c = Counter()
     for task, text in zip(tasks, texts):
         steps = V.split_trajectory(text)
@@ -802,6 +804,7 @@ def score_responses(tasks: list[dict], texts: list[str], grade) -> Counter:
                 c["verdicts"] += 1
                 c["verdicts_right"] += s["verdict"] == real[k][0]
                 c["verdicts_on_correct"] += bool(real[k][0])
+                c["verdicts_right_on_correct"] += bool(real[k][0]) and s["verdict"]
         ok, info = real[len(steps) - 1]
         if ok is None:
             c["grade_failed"] += 1
@@ -810,6 +813,16 @@ def score_responses(tasks: list[dict], texts: list[str], grade) -> Counter:
         c["first_correct"] += bool(real[0][0])
         c["answered"] += info.get("reason") not in ("no_final_answer", "too_long", "echo")
     return c
+
+
+def verdict_balanced_acc(n: float, right: float, on_correct: float, right_on_correct: float) -> float | None:
+    """Balanced verdict accuracy: 1/2 (right verdicts on correct attempts / correct attempts + right
+    verdicts on wrong attempts / wrong attempts). A verifier that always says "correct" (or always
+    "incorrect") scores 1/2 whatever the model's accuracy; None unless both kinds were checked."""
+    on_wrong = n - on_correct
+    if on_correct <= 0 or on_wrong <= 0:
+        return None
+    return 0.5 * (right_on_correct / on_correct + (right - right_on_correct) / on_wrong)
 
 
 def evaluate(policy, tok, cfg: Config, sets: dict, d, dtype, full: bool = True, grader=default_grader) -> dict:
@@ -862,6 +875,9 @@ def evaluate(policy, tok, cfg: Config, sets: dict, d, dtype, full: bool = True, 
                     f"{dom}_attempts": g("attempts") / n, f"{dom}_verdicts": int(g("verdicts")),
                     f"{dom}_verdict_acc": g("verdicts_right") / g("verdicts") if g("verdicts") else None,
                     f"{dom}_verdict_always_correct": g("verdicts_on_correct") / g("verdicts") if g("verdicts") else None,
+                    f"{dom}_verdict_balanced_acc": verdict_balanced_acc(g("verdicts"), g("verdicts_right"),
+                                                                         g("verdicts_on_correct"),
+                                                                         g("verdicts_right_on_correct")),
                     f"{dom}_grade_failed": int(g("grade_failed"))})
         if dom != "code":
             out[f"{dom}_answered"] = g("answered") / n

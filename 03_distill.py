@@ -172,7 +172,9 @@ class Config:
     eval_batch_size: int = C.arg(48, "prompts per eval generate batch")
     eval_every: int = C.arg(0, "held-out KL every N steps (0 = only at start and end)")
     speed_batch: int = C.arg(32, "prompts in the generation speed measurement (student vs teacher)")
-    speed_tokens: int = C.arg(64, "new tokens per prompt in the speed measurement (no EOS stop)")
+    speed_tokens: int = C.arg(32, "new tokens per prompt in the speed measurement (no EOS stop)")
+    speed_repeats: int = C.arg(3, "timed generate calls per speed measurement; the median is reported (one call "
+                                  "varied by up to 30% between two measurements of the same model here)")
     verifier_timeout_s: float = C.arg(20.0, "time limit of one batch of math gradings")
     code_timeout_s: float = C.arg(5.0, "time limit of one sandboxed code run")
     code_workers: int = C.arg(0, "programs graded at once (0 = the number of cores, at most 8)")
@@ -1099,15 +1101,18 @@ def evaluate(model, tok, cfg: Config, sets: dict, d, dtype) -> dict:
 
 def generation_speed(model, prompts: list[list[int]], cfg: Config, d, dtype) -> float:
     """Decoding throughput in tokens/s: one batch of prompts, exactly --speed_tokens new tokens per
-    row (no EOS stop, greedy), so teacher and student do the same work whatever they write. Call
-    inside gathered_for_generation."""
+    row (no EOS stop, greedy), so teacher and student do the same work whatever they write; the
+    median of --speed_repeats timed calls. Call inside gathered_for_generation."""
     if not prompts:
         return 0.0
+    times = []
     with S.sampling_model(model, d, dtype) as m:
         S.generate(m, prompts[:2], 2, [-1], 0, temperature=0.0)  # warm-up (the bf16 copy, the engine)
-        t0 = time.perf_counter()
-        S.generate(m, prompts, cfg.speed_tokens, [-1], 0, temperature=0.0)
-    return len(prompts) * cfg.speed_tokens / (time.perf_counter() - t0)
+        for _ in range(max(cfg.speed_repeats, 1)):
+            t0 = time.perf_counter()
+            S.generate(m, prompts, cfg.speed_tokens, [-1], 0, temperature=0.0)
+            times.append(time.perf_counter() - t0)
+    return len(prompts) * cfg.speed_tokens / sorted(times)[len(times) // 2]
 
 
 def heldout_kl(student, teacher, samples: list[dict], cfg: Config, d, dtype, pad_id: int, vocab: int = 0) -> float:

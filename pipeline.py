@@ -46,12 +46,15 @@ STAGES = (  # (name, script, flag that takes the previous stage's final/)
 # questions; stage 2 keeps its agent eval, stage 3 its KL and speed. The rest fits the 20-minute
 # budget (README): stage 2 12 steps; stage 3 a 24-layer student (the 15-layer default lost all of
 # the teacher's math and most of its verification format: measured), 18 steps, 40 prompts per
-# source, DPO pairs from 20 of them; stage 4 6 GRPO steps and, before them, a Bradley-Terry reward
-# model (20 steps) on the student (RM_FLAGS), measured on the held-out preference pairs.
+# source, DPO pairs from 20 of them; stage 4 6 GRPO steps with S2R's process rewards (each
+# verification rewarded for a verdict that matches its attempt: the only signal left when every
+# answer of a group is wrong; 128 tokens so the verification fits) and, before them, a
+# Bradley-Terry reward model (20 steps) on the student (RM_FLAGS), measured on held-out pairs.
 STAGE_FLAGS = {1: ["--math_test", "", "--max_steps", "12"],
                2: ["--eval_limit", "0", "--code_eval_limit", "0", "--student_layers", "24", "--max_steps", "18",
                    "--prompt_limit", "40", "--pref_prompts", "20"],
-               3: ["--stages", "stem:data/math_train.jsonl:6", "--eval_kinds", "stem"]}
+               3: ["--stages", "stem:data/math_train.jsonl:6", "--eval_kinds", "stem", "--s2r_reward", "both",
+                   "--max_new_tokens", "128", "--lr", "2e-5"]}
 RM_FLAGS = ["--mode", "train_reward_model", "--rm_steps", "20"]
 
 
@@ -172,7 +175,14 @@ EVAL_COLUMNS = (  # (header, key in stage 1's eval)
     ("math", "math_acc"), ("math, 1st attempt", "math_acc_first"), ("transfer", "transfer_acc"),
     ("transfer, 1st", "transfer_acc_first"), ("verification rate", "math_with_verification"),
     ("verdict acc", "math_verdict_acc"), ("verdict acc, always 'correct'", "math_verdict_always_correct"),
-    ("code", "code_acc"))
+    ("verdict acc, always 'incorrect'", "math_verdict_always_incorrect"),
+    ("verdict acc, balanced", "math_verdict_balanced_acc"), ("code", "code_acc"))
+
+
+def with_baselines(ev: dict) -> dict:
+    """Add what a verifier that always says "incorrect" scores on the same verdicts (1 - always 'correct')."""
+    ok = ev.get("math_verdict_always_correct")
+    return {**ev, "math_verdict_always_incorrect": None if ok is None else 1.0 - ok}
 
 
 def eval_rows(out: Path) -> list[tuple[str, dict]]:
@@ -180,12 +190,12 @@ def eval_rows(out: Path) -> list[tuple[str, dict]]:
     rows = []
     s1 = read_json(out / STAGES[0][0] / "eval_summary.json")
     if s1:
-        rows += [("start (embedded)", s1["start"]), ("after 1 cold-start SFT", s1["end"])]
+        rows += [("start (embedded)", with_baselines(s1["start"])), ("after 1 cold-start SFT", with_baselines(s1["end"]))]
     for name, label in ((STAGES[1][0], "after 2 overall SFT"), (STAGES[2][0], "after 3 distill (student)"),
                         (STAGES[3][0], "after 4 RL")):
         ev = read_json(out / "eval" / name / "eval_summary.json")
         if ev:
-            rows.append((label, ev["eval"]))
+            rows.append((label, with_baselines(ev["eval"])))
     return rows
 
 
@@ -203,7 +213,9 @@ def plot_eval(out: Path, rows: list[tuple[str, dict]]) -> str | None:
     panels = ((("math_acc", "math (last attempt)"), ("math_acc_first", "math (first attempt)"),
                ("transfer_acc", "transfer split"), ("code_acc", "code")),
               (("math_with_verification", "answers with a verification"), ("math_verdict_acc", "verdict accuracy"),
-               ("math_verdict_always_correct", "verdict acc. of always 'correct'")))
+               ("math_verdict_always_correct", "verdict acc. of always 'correct'"),
+               ("math_verdict_always_incorrect", "verdict acc. of always 'incorrect'"),
+               ("math_verdict_balanced_acc", "balanced verdict acc. (constant verifiers: 0.5)")))
     for ax, keys, title in zip(axes, panels, ("held-out accuracy (greedy)", "self-verification (held-out math)")):
         for key, label in keys:
             ax.plot(x, [r.get(key) if r.get(key) is not None else float("nan") for _, r in rows], marker="o", label=label)

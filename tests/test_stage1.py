@@ -380,7 +380,19 @@ def test_score_responses_counts_verdicts():
     assert c["n"] == 3 and c["correct"] == 2 and c["first_correct"] == 1
     assert c["with_verification"] == 2 and c["verdicts"] == 3 and c["verdicts_right"] == 2
     assert c["verdicts_on_correct"] == 1  # an always-"correct" verifier: right on 1 of the 3 checked attempts
+    assert c["verdicts_right_on_correct"] == 1
+    # balanced: the correct attempt called correct (1/1), the wrong ones: 1 of 2 called incorrect
+    assert S1.verdict_balanced_acc(c["verdicts"], c["verdicts_right"], c["verdicts_on_correct"],
+                                   c["verdicts_right_on_correct"]) == pytest.approx(0.75)
     assert c["answered"] == 3 and c["attempts"] == 4
+
+
+def test_verdict_balanced_acc_scores_constant_verifiers_one_half():
+    for n, on_correct in ((10, 1), (10, 9), (40, 3)):
+        assert S1.verdict_balanced_acc(n, on_correct, on_correct, on_correct) == 0.5           # always "correct"
+        assert S1.verdict_balanced_acc(n, n - on_correct, on_correct, 0) == 0.5                # always "incorrect"
+    assert S1.verdict_balanced_acc(10, 10, 4, 4) == 1.0                                        # a perfect verifier
+    assert S1.verdict_balanced_acc(5, 5, 0, 0) is None and S1.verdict_balanced_acc(5, 0, 5, 0) is None
 
 
 def test_eval_reports_the_transfer_split_apart(tmp_path):
