@@ -1225,7 +1225,8 @@ def step_metrics(ro: Rollout, b: dict, up: dict, cfg: Config, d: C.Dist, t_upd: 
     """The logged statistics of one step: every sum reduced over ranks in ONE collective, then
     turned into means (per response, or per trained token for ratio / clip / KL / entropy)."""
     n = ro.tokens.shape[0]
-    sums = {**up["acc"], **{k: v for k, v in ro.stats.items()},
+    verify = [st["reward"] for x in ro.infos for st in x.get("steps", []) if st["kind"] == "verify"]
+    sums = {**up["acc"], **{k: v for k, v in ro.stats.items()}, "verify_n": len(verify), "verify_right": sum(verify),
             "n": n, "r": ro.rewards.sum(), "r2": (ro.rewards ** 2).sum(), "len": ro.lengths.sum(),
             "truncated": (~ro.finished).sum(), "mask": b["mask"].sum(), "total": b["total"].sum(), "fmt": b["fmt"].sum()}
     s = C.all_reduce_dict(sums, d)
@@ -1236,6 +1237,8 @@ def step_metrics(ro: Rollout, b: dict, up: dict, cfg: Config, d: C.Dist, t_upd: 
         "algo": cfg.algo, "reward_mean": mean_r, "reward_std": math.sqrt(max(s["r2"] / N - mean_r ** 2, 0.0)),
         "total_reward_mean": s["total"] / N, "format_rate": s["fmt"] / N, "resp_len_mean": s["len"] / N,
         "trained_len_mean": s["mask"] / N, "truncated_frac": s["truncated"] / N,
+        # S2R process level: verifications per response, and the fraction whose verdict was right
+        "verify_per_resp": s["verify_n"] / N, "verify_reward_mean": s["verify_right"] / max(s["verify_n"], 1.0),
         "zero_std_group_frac": s["zero_std_groups"] / max(s["groups_first"], 1.0), "groups_sampled": s["groups_sampled"],
         "ratio_mean": s["ratio_sum"] / ntok, "clip_frac": s["clipped"] / ntok, "dual_clip_frac": s["dual_clipped"] / ntok,
         "ppo_kl_k1": s["ppo_kl_k1"] / ntok, "ppo_kl_k3": s["ppo_kl_k3"] / ntok,

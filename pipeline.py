@@ -294,7 +294,7 @@ def plot_curves(out: Path) -> list[str]:
     plots.mkdir(exist_ok=True)
     panels = {"1_cold_start_sft": ["loss"], "2_overall_sft": ["loss"],
               "3_distill": ["loss", "kd_div", "seqkd_ce", "eval_heldout_kl"],
-              "4_rl": ["reward_mean", "kl_k3", "entropy", "resp_len_mean"]}
+              "4_rl": ["reward_mean", "verify_reward_mean", "kl_k3", "entropy", "resp_len_mean"]}
     names = []
     for stage, keys in panels.items():
         rows = read_metrics(out / stage / "metrics.jsonl")

@@ -138,6 +138,10 @@ def test_s2r_process_advantages_in_the_loop(tmp_path):
 
     res, _ = _run_direct(tmp_path, _direct_cfg(s2r_reward="both"), reward_fn, kind="stem")
     assert torch.isfinite(torch.tensor(res["history"][0]["loss"]))
+    ids = res["last_rollout"].tokens  # the logged process level: one verification each, right when the last id is odd
+    h = res["history"][-1]
+    last = [int(ids[i, int(res["last_rollout"].lengths[i]) - 1]) % 2 for i in range(ids.shape[0])]
+    assert h["verify_per_resp"] == 1.0 and h["verify_reward_mean"] == pytest.approx(sum(last) / len(last))
 
 
 # ---------------------------------------------------------------------------- learning
