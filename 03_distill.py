@@ -174,7 +174,7 @@ class Config:
     speed_batch: int = C.arg(32, "prompts in the generation speed measurement (student vs teacher)")
     speed_tokens: int = C.arg(32, "new tokens per prompt in the speed measurement (no EOS stop)")
     speed_repeats: int = C.arg(3, "timed generate calls per speed measurement; the median is reported (one call "
-                                  "varied by up to 30% between two measurements of the same model here)")
+                                  "varied by up to a third between two measurements of the same model here)")
     verifier_timeout_s: float = C.arg(20.0, "time limit of one batch of math gradings")
     code_timeout_s: float = C.arg(5.0, "time limit of one sandboxed code run")
     code_workers: int = C.arg(0, "programs graded at once (0 = the number of cores, at most 8)")
