@@ -45,12 +45,13 @@ STAGES = (  # (name, script, flag that takes the previous stage's final/)
 # math (and code) evals: the pipeline's eval of every final/ measures each model on the same
 # questions; stage 2 keeps its agent eval, stage 3 its KL and speed. The rest fits the 20-minute
 # budget (README): stage 2 12 steps at lr 2e-4 (3e-4: agent success 37.5% vs 41%, same math; 1e-4
-# kept all of stage 1's math and code but agent success fell to 3%: measured); stage 3 a 24-layer student (the 15-layer default lost all of
-# the teacher's math and most of its verification format: measured), 18 steps, 40 prompts per
-# source, DPO pairs from 20 of them; stage 4 6 GRPO steps with S2R's process rewards (each
-# verification rewarded for a verdict that matches its attempt: the only signal left when every
-# answer of a group is wrong; 128 tokens so the verification fits) and, before them, a
-# Bradley-Terry reward model (20 steps) on the student (RM_FLAGS), measured on held-out pairs.
+# kept all of stage 1's math and code but agent success fell to 3%: measured); stage 3 a 24-layer
+# student (the 15-layer default lost all of the teacher's math and most of its verification
+# format: measured), 18 steps, 40 prompts per source, DPO pairs from 20 of them; stage 4 6 GRPO
+# steps with S2R's process rewards (each verification rewarded for a verdict that matches its
+# attempt: the only signal left when every answer of a group is wrong; 128 tokens so the
+# verification fits) and, before them, a Bradley-Terry reward model (20 steps) on the student
+# (RM_FLAGS), measured on held-out pairs.
 STAGE_FLAGS = {1: ["--math_test", "", "--max_steps", "12", "--lr", "2e-4"],
                2: ["--eval_limit", "0", "--code_eval_limit", "0", "--student_layers", "24", "--max_steps", "18",
                    "--prompt_limit", "40", "--pref_prompts", "20"],
@@ -106,6 +107,11 @@ def rm_command(cfg: Config, prev: str) -> list[str]:
                             "--device", cfg.device, *RM_FLAGS, *shlex.split(cfg.rm)]
 
 
+def rm_eval_file(out: Path) -> Path:
+    """Where rm_command's run leaves its held-out pairwise accuracy (before / after)."""
+    return out / STAGES[3][0] / "reward_model" / "rm_eval.json"
+
+
 def eval_command(cfg: Config, model: str, out_dir: Path) -> list[str]:
     """The same held-out eval as stage 1's (math first / last attempt, transfer split, verification
     rate, verdict accuracy, code) for a later stage's final/: one table row per model."""
@@ -146,7 +152,7 @@ def run_stages(cfg: Config) -> dict:
                 raise SystemExit("[pipeline] stage 1 wrote no trajectories.jsonl (a plain or cot_pretrain stage 1?): "
                                  "give --reasoning plain for stage 2's own reasoning data")
             env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")) if cfg.nproc > 1 else None
-            if i == 3 and not (out / name / "reward_model" / "rm_eval.json").exists():
+            if i == 3 and not rm_eval_file(out).exists():
                 run(rm_command(cfg, prev), "4_reward_model", timings, tfile, env)
             run(command(cfg, i, prev), name, timings, tfile, env)
             shutil.rmtree(out / "eval" / name, ignore_errors=True)  # an eval of an earlier final/ is stale
@@ -249,7 +255,7 @@ def headline(out: Path, rows: list[tuple[str, dict]]) -> list[str]:
                          f"of {teacher['math_n']}, decoding {fmt(s3.get('speedup_vs_teacher'))}x the teacher's "
                          f"tokens/s ({s3.get('student_params', 0) / 1e6:.0f}M vs {s3.get('teacher_params', 0) / 1e6:.0f}M "
                          f"parameters).")
-    rm = read_json(out / STAGES[3][0] / "reward_model" / "rm_eval.json")
+    rm = read_json(rm_eval_file(out))
     if rm:
         out_lines.append(f"- Reward model (stage 4, on the student): held-out pairwise accuracy "
                          f"{rm['rm_test_acc_before']:.2f} with its untrained head -> {rm['rm_test_acc_after']:.2f} "
@@ -275,7 +281,7 @@ def stage_rows(out: Path) -> list[tuple[str, str, object, object]]:
             rows.append(("3 distill (student)", k, s3["start"].get(k), s3["end"].get(k)))
         rows.append(("3 distill", "teacher math_acc", s3.get("teacher_eval", {}).get("math_acc"), None))
         rows.append(("3 distill", "student speed-up vs teacher", None, s3.get("speedup_vs_teacher")))
-    rm = read_json(out / "4_rl" / "reward_model" / "rm_eval.json")
+    rm = read_json(rm_eval_file(out))
     if rm:
         rows.append(("4 reward model", "pairwise acc (held-out pairs)", rm["rm_test_acc_before"], rm["rm_test_acc_after"]))
     s4 = read_json(out / "4_rl" / "summary.json")
