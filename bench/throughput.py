@@ -3,19 +3,26 @@ Benchmark: training throughput and MFU of the shared training path on this machi
 
 1. Measures the machine's dense matmul peak (square matmuls, sized up until one takes a while) in
    fp32 and bf16 on the chosen device.
-2. Runs a few optimizer steps of M.LogProbModel + C.masked_ce_loss + AdamW (C.make_optimizer /
+2. --mode train (default): runs a few optimizer steps of M.LogProbModel + C.masked_ce_loss + AdamW (C.make_optimizer /
    C.optimizer_step) on random tokens, every position trained, precision from C.resolve_dtype
    (autocast: bf16 only where the hardware has it), and prints tokens/s, peak memory and
    MFU = 6 * n_params * tokens/s / measured matmul peak of the compute dtype.
    n_params counts every parameter once (the tied embedding once, as the output projection);
    6 N FLOPs per token ignores attention's T^2 term, as usual.
+3. --mode generate: samples --batch prompts (held-out math questions in the chat template, ~58
+   tokens on SmolLM2) for --new_tokens tokens at --temperature through the sampler every stage uses
+   (sampler.sampling_model + sampler.generate: in bf16 the weight copy and the written-out decode
+   step), and prints generated tokens/s and MFU = 2 N tokens/s / the measured matmul peak (decoding
+   is memory-bound: this MFU is low by nature). --repeats timed runs after a warm-up; the median.
 
     python bench/throughput.py                                          # embedded model, batch 2, seq 256
     python bench/throughput.py --model tiny --batch 8 --seq 512 --steps 5
     python bench/throughput.py --device cuda --batch 16 --seq 2048      # on a GPU
+    python bench/throughput.py --mode generate --batch 64 --new_tokens 96  # the sampler (speed issue's goal)
 
-The first step is a warm-up and is not timed. It asserts nothing: it is a benchmark.
+The first step (first generate call) is a warm-up and is not timed. It asserts nothing: it is a benchmark.
 """
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -26,10 +33,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common as C  # noqa: E402
 import models as M  # noqa: E402
+import sampler as S  # noqa: E402
 
 
 @dataclass
 class Config:
+    mode: str = C.arg("train", "train (optimizer steps: tokens/s, MFU) | generate (the sampler: tokens/s)")
     model: str = C.arg(M.EMBEDDED, "tiny | smollm2-135m-instruct | a local HF dir")
     batch: int = C.arg(2, "sequences per step")
     seq: int = C.arg(256, "tokens per sequence")
@@ -39,6 +48,11 @@ class Config:
     activation_checkpointing: bool = C.arg(False, "recompute decoder layers in the backward")
     matmul_budget_s: float = C.arg(2.0, "seconds spent measuring the matmul peak, per dtype")
     seed: int = C.arg(0, "seed")
+    # generate
+    new_tokens: int = C.arg(96, "generate: new tokens per prompt")
+    temperature: float = C.arg(0.7, "generate: sampling temperature (0 = greedy)")
+    prompts: str = C.arg("data/math_test.jsonl", "generate: questions {question} used as the prompts")
+    repeats: int = C.arg(3, "generate: timed generate calls (median reported)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -107,6 +121,51 @@ def _status_kb(field: str) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# Generation
+
+
+def bench_generate(cfg: Config, d, dtype, model, tok, peak: float) -> None:
+    """Median tokens/s of cfg.repeats generate calls (after one warm-up) on cfg.batch chat prompts."""
+    rows = C.read_jsonl(C.resolve_path(cfg.prompts), required=("question",))
+    prompts = [C.chat_prompt_ids(tok, [{"role": "user", "content": rows[i % len(rows)]["question"]}])
+               for i in range(cfg.batch)]
+    policy = M.LogProbModel(model).to(d.device)
+    n_params = sum(p.numel() for p in policy.parameters())
+    print(f"model {cfg.model}: {n_params / 1e6:.2f}M parameters; {cfg.batch} prompts of "
+          f"{statistics.mean(map(len, prompts)):.0f} tokens on average, {cfg.new_tokens} new tokens, "
+          f"T = {cfg.temperature}", flush=True)
+
+    def run(seed: int, new_tokens: int):
+        g = torch.Generator(device=d.device).manual_seed(seed)
+        t0 = time.perf_counter()
+        with S.sampling_model(policy, d, dtype) as m:
+            out = S.generate(m, prompts, new_tokens, tok.eos_token_id, tok.pad_token_id,
+                             temperature=cfg.temperature, generator=g)
+        sync(d.device)
+        return time.perf_counter() - t0, out
+
+    base = reset_peak_memory(d.device)
+    run(cfg.seed, 8)  # warm-up: the bf16 copy, the decode step, the allocator
+    times, tokens, steps = [], [], []
+    for r in range(cfg.repeats):
+        dt, out = run(cfg.seed + 1 + r, cfg.new_tokens)
+        times.append(dt)
+        tokens.append(int(out.lengths.sum()))
+        steps.append(out.tokens.shape[1])
+        print(f"  run {r}: {dt:.2f} s, {tokens[-1]} tokens in {steps[-1]} decode steps "
+              f"({tokens[-1] / dt:.1f} tok/s)", flush=True)
+    peak_mem = peak_memory(d.device)
+    tok_s = [n / t for n, t in zip(tokens, times)]
+    slots_s = [cfg.batch * n / t for n, t in zip(steps, times)]  # rows x steps: what the engine computed
+    gib = 2 ** 30
+    print(f"generated tokens/s  {statistics.median(tok_s):10.1f}  (median; min {min(tok_s):.1f}, max {max(tok_s):.1f})")
+    print(f"row-steps/s         {statistics.median(slots_s):10.1f}  (rows x decode steps, finished rows included)")
+    print(f"peak memory         {peak_mem / gib:10.2f} GiB (+{(peak_mem - base) / gib:.2f} GiB over the loaded model)")
+    print(f"MFU                 {100 * 2 * n_params * statistics.median(tok_s) / peak:10.1f} %  (2 N tokens/s of the "
+          f"measured {dtype} matmul peak, {peak / 1e9:.1f} GFLOP/s)")
+
+
+# ----------------------------------------------------------------------------------------------
 # Training steps
 
 
@@ -126,6 +185,12 @@ def main(argv=None):
         print(f"matmul peak {name}: {flops / 1e9:10.1f} GFLOP/s  (n = {n})", flush=True)
 
     model, tok = M.load_model_and_tokenizer(cfg.model, cfg.seed)
+    if cfg.mode == "generate":
+        bench_generate(cfg, d, dtype, model, tok, peaks[dtype])
+        C.cleanup_distributed(d)
+        return
+    if cfg.mode != "train":
+        raise SystemExit(f"--mode must be train or generate, not {cfg.mode!r}")
     policy = C.shard_model(M.LogProbModel(model), d, dtype, cfg.activation_checkpointing)
     opt = C.make_optimizer(policy, 1e-5, 0.0)
     n_params = sum(p.numel() for p in policy.parameters())

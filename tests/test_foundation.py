@@ -306,11 +306,14 @@ def test_benchmarks_run_on_the_tiny_shapes(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for cmd in (["bench/throughput.py", "--model", "tiny", "--batch", "1", "--seq", "16", "--steps", "1",
                  "--matmul_budget_s", "0.05", "--device", "cpu"],
+                ["bench/throughput.py", "--mode", "generate", "--model", "tiny", "--batch", "2", "--new_tokens", "4",
+                 "--repeats", "1", "--matmul_budget_s", "0.05", "--device", "cpu"],
                 ["bench/logprobs_memory.py", "--batch", "1", "--seq", "8", "--vocab", "64", "--hidden", "16",
                  "--chunk_size", "4"]):
         res = subprocess.run([sys.executable, str(ROOT / cmd[0]), *cmd[1:]], cwd=tmp_path, env=env,
                              capture_output=True, text=True)
         assert res.returncode == 0, f"{cmd[0]}:\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
+        assert "tokens/s" in res.stdout or "logprobs" in cmd[0], res.stdout[-2000:]
 
 
 def test_compare_bench_builds_the_same_work_and_runs_our_side(tmp_path):
