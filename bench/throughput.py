@@ -9,7 +9,7 @@ Benchmark: training throughput and MFU of the shared training path on this machi
    MFU = 6 * n_params * tokens/s / measured matmul peak of the compute dtype.
    n_params counts every parameter once (the tied embedding once, as the output projection);
    6 N FLOPs per token ignores attention's T^2 term, as usual.
-3. --mode generate: samples --batch prompts (held-out math questions in the chat template, ~58
+3. --mode generate: samples --batch prompts (held-out math questions in the chat template, ~54
    tokens on SmolLM2) for --new_tokens tokens at --temperature through the sampler every stage uses
    (sampler.sampling_model + sampler.generate: in bf16 the weight copy and the written-out decode
    step), and prints generated tokens/s and MFU = 2 N tokens/s / the measured matmul peak (decoding
@@ -171,6 +171,8 @@ def bench_generate(cfg: Config, d, dtype, model, tok, peak: float) -> None:
 
 def main(argv=None):
     cfg = C.parse_config(Config, argv)
+    if cfg.mode not in ("train", "generate"):  # before the matmul peak and the model load
+        raise SystemExit(f"--mode must be train or generate, not {cfg.mode!r}")
     d = C.init_distributed(cfg.device)
     dev = d.device
     dtype = C.resolve_dtype(cfg.precision, dev)
@@ -189,8 +191,6 @@ def main(argv=None):
         bench_generate(cfg, d, dtype, model, tok, peaks[dtype])
         C.cleanup_distributed(d)
         return
-    if cfg.mode != "train":
-        raise SystemExit(f"--mode must be train or generate, not {cfg.mode!r}")
     policy = C.shard_model(M.LogProbModel(model), d, dtype, cfg.activation_checkpointing)
     opt = C.make_optimizer(policy, 1e-5, 0.0)
     n_params = sum(p.numel() for p in policy.parameters())
