@@ -545,7 +545,9 @@ CLASSIC = {
 @pytest.mark.parametrize("name", sorted(CLASSIC))
 def test_classic_hostile_programs(name, canaries):
     code, want_reward, want_status = CLASSIC[name]
-    reward, info = run_code_tests(code, ADD_TESTS, timeout_s=2)
+    # Only the programs meant to hang get the short budget: for the others the time-out is not what is
+    # tested, and 2 s was too tight for `huge_answer` (64 MiB strings x 4 tests) on a slow CI machine.
+    reward, info = run_code_tests(code, ADD_TESTS, timeout_s=2 if want_status == "timeout" else 30)
     if want_reward is not None:
         assert (reward, info["status"]) == (want_reward, want_status), info
     else:  # signals / deleting a read-only tree: whatever they do to the sandbox, never more than the honest score
