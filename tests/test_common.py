@@ -605,6 +605,46 @@ def test_generate_stops_at_eos(tok, lm):
     assert gen.tokens.shape == (1, k0 + 1) and gen.finished.all()
 
 
+def test_length_buckets_partition_rows_and_bound_padding():
+    """sampler.length_buckets: every row exactly once, each group sorted by length and padded to
+    its longest row with at most 25% padding; one group when all lengths are equal."""
+    lengths = [39, 88, 41, 54, 70, 42, 39, 66, 50, 84, 2, 60]
+    groups = S.length_buckets(lengths)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:
+        assert [lengths[i] for i in g] == sorted(lengths[i] for i in g)
+        assert len(g) * max(lengths[i] for i in g) <= 1.25 * sum(lengths[i] for i in g)
+    assert S.length_buckets([5] * 7) == [list(range(7))] and S.length_buckets([]) == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_generate_dropping_finished_rows_changes_no_token(tok, lm, dtype):
+    """Dropping finished rows from the batch (compact_at) and the grouped prefill give, in fp32, the
+    tokens and log-probs of a never-compacting run and of one prompt at a time; in bf16 (the
+    written-out decode step) the tokens of a never-compacting run."""
+    lm.eval()
+    prompts = PROMPTS + [[11, 12, 13, 14, 15, 16, 17, 18, 19], [30], [99, 98, 97], [5, 60, 70]]
+    free = [naive_greedy(lm, p, 12) for p in prompts]
+    eos = [free[0][2], free[3][5]]  # rows end at different steps
+    d, wrapped = C.Dist(), M.LogProbModel(lm)
+    with S.sampling_model(wrapped, d, dtype) as m:
+        assert (m in S._ENGINES) == (dtype == torch.bfloat16)
+        runs = [S.generate(m, prompts, 12, eos, tok.pad_token_id, temperature=0.0, compact_at=c)
+                for c in (0.0, 0.75, 1.0)]
+        alone = [S.generate(m, [p], 12, eos, tok.pad_token_id, temperature=0.0) for p in prompts]
+    assert 0 < int(runs[0].finished.sum()) < len(prompts) - 1  # some rows end early, not all
+    for g in runs[1:]:
+        assert torch.equal(g.tokens, runs[0].tokens) and torch.equal(g.lengths, runs[0].lengths)
+        assert torch.equal(g.finished, runs[0].finished)
+        if dtype == torch.float32:
+            torch.testing.assert_close(g.logp, runs[0].logp, atol=1e-5, rtol=0)
+    if dtype == torch.float32:
+        for i, (g, ref) in enumerate(zip(alone, free)):
+            n = ref.index(next(t for t in ref if t in eos)) + 1 if any(t in eos for t in ref) else 12
+            assert g.response_ids(0) == runs[0].response_ids(i) == ref[:n], i
+            torch.testing.assert_close(g.logp[0, :n], runs[0].logp[i, :n], atol=1e-5, rtol=0)
+
+
 def test_generate_stop_strings(tok, lm):
     lm.eval()
     free = naive_greedy(lm, PROMPTS[0], 12)
