@@ -858,20 +858,56 @@ def collate_rollout(prompt_ids: list[list[int]], tokens: torch.Tensor, lengths: 
     return {"input_ids": ids, "attention_mask": attn, "position_ids": pos, "labels": labels}, P
 
 
+def pack_rollout(prompt_ids: list[list[int]], tokens: torch.Tensor, lengths: torch.Tensor, pad_id: int,
+                 row_factor: int = 2):
+    """The same rollout micro-batch as `collate_rollout`, packed: each (prompt + response) whole,
+    several to a row of at most `row_factor` x the longest one's length, longest first
+    (C.pack_plan), position ids restarting at 0 per sample so the mask is block-diagonal (PITFALLS
+    #13). Why: left-padding prompts to the longest and responses to the longest computes every row
+    at P + T positions; rows of 2 x the longest sample keep the attention's extra (masked) work small.
+    Returns the batch (input_ids / position_ids / labels [R, L], no attention_mask) and `where`
+    [n, T]: the flat index into [R * L] of response token t of sample i, -1 past its length."""
+    n, T = tokens.shape
+    seqs = [list(p) + tokens[i, :int(lengths[i])].tolist() for i, p in enumerate(prompt_ids)]
+    order = sorted(range(n), key=lambda i: -len(seqs[i]))
+    rows = [[order[j] for j in g] for g in C.pack_plan([len(seqs[i]) for i in order],
+                                                       row_factor * max(len(x) for x in seqs))]
+    L = max(sum(len(seqs[i]) for i in g) for g in rows)  # no column that is padding in every row
+    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), L), C.IGNORE, dtype=torch.long)
+    pos = torch.zeros((len(rows), L), dtype=torch.long)
+    where = torch.full((n, T), -1, dtype=torch.long)
+    for r, group in enumerate(rows):
+        c = 0
+        for i in group:
+            m, P = len(seqs[i]), len(prompt_ids[i])
+            ids[r, c:c + m] = torch.tensor(seqs[i], dtype=torch.long)
+            labels[r, c + P:c + m] = ids[r, c + P:c + m]
+            pos[r, c:c + m] = torch.arange(m)
+            where[i, :m - P] = r * L + c + P + torch.arange(m - P)
+            c += m
+        pos[r, c:] = torch.arange(L - c) + (pos[r, c - 1] + 1)  # padding continues the last sample
+    return {"input_ids": ids, "position_ids": pos, "labels": labels}, where
+
+
 def response_forward(model: nn.Module, prompt_ids, tokens, lengths, pad_id: int, temperature: float,
                      device, return_values: bool = False) -> dict:
     """Per-response-token logp / entropy (and values) [n, T] of a LogProbModel / ActorCritic on a
-    rollout micro-batch, at the sampling temperature (PITFALLS #5). A ScalarHeadModel (separate
-    critic) returns {"values"} only."""
-    batch, P = collate_rollout(prompt_ids, tokens, lengths, pad_id)
-    batch = {k: v.to(device) for k, v in batch.items()}
+    rollout micro-batch, at the sampling temperature (PITFALLS #5), computed on packed rows
+    (`pack_rollout`) and scattered back; 0 past each response's length. A ScalarHeadModel
+    (separate critic) returns {"values"} only."""
+    batch, where = pack_rollout(prompt_ids, tokens, lengths, pad_id)
+    batch, where = {k: v.to(device) for k, v in batch.items()}, where.to(device)
+    valid = where >= 0
+
+    def unpack(x):  # [R, L] -> [n, T]
+        return torch.where(valid, x.reshape(-1)[where.clamp(min=0)], x.new_zeros(()))
     if isinstance(model, ScalarHeadModel):
-        s = model(batch["input_ids"], batch["position_ids"], batch["attention_mask"])
-        return {"values": shift_right(s)[:, P:]}
+        return {"values": unpack(shift_right(model(batch["input_ids"], batch["position_ids"])))}
     kw = {"return_values": True} if return_values else {}
     out = model(batch["input_ids"], batch["labels"], position_ids=batch["position_ids"],
-                attention_mask=batch["attention_mask"], temperature=temperature, **kw)
-    return {k: v[:, P:] for k, v in out.items()}
+                temperature=temperature, **kw)
+    return {k: unpack(v) for k, v in out.items()}
 
 
 def rm_scores(rm: ScalarHeadModel, prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int,

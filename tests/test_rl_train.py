@@ -50,6 +50,38 @@ def test_importance_ratio_is_one_on_fresh_rollout():
     assert (torch.exp(wrong_t["logp"] - gen.logp)[mask] - 1).abs().max() > 1e-2
 
 
+def test_packed_response_forward_equals_each_sample_alone():
+    """response_forward packs the rollout (rl.pack_rollout: several samples per row, position ids
+    restarting per sample): logp, entropy and values of every response token equal those of the
+    sample run alone, unpadded (fp32), for the policy with a value head and a separate critic, so
+    packed samples never see each other (PITFALLS #13); 0 past each length."""
+    torch.manual_seed(3)
+    lm, tok = M.load_model_and_tokenizer("tiny")
+    policy, critic = rl.ActorCritic(lm).eval(), rl.ScalarHeadModel(M.load_model_and_tokenizer("tiny")[0]).eval()
+    with torch.no_grad():
+        policy.value_head.weight.normal_()
+    prompts = _prompts(tok, 6)
+    gen = S.generate(policy, prompts, 10, eos_ids=tok.eos_token_id, pad_id=tok.pad_token_id, temperature=1.0)
+    lengths = gen.lengths.clone()
+    lengths[0] = 3  # a short response, so rows pack more than one sample
+    batch, where = rl.pack_rollout(prompts, gen.tokens, lengths, tok.pad_token_id)
+    assert batch["input_ids"].shape[0] < len(prompts)
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        out = rl.response_forward(policy, prompts, gen.tokens, lengths, tok.pad_token_id, 0.7, cpu, return_values=True)
+        vals = rl.response_forward(critic, prompts, gen.tokens, lengths, tok.pad_token_id, 0.7, cpu)["values"]
+        for i, p in enumerate(prompts):
+            n = int(lengths[i])
+            ids = torch.tensor([p + gen.tokens[i, :n].tolist()])
+            labels = torch.tensor([[C.IGNORE] * len(p) + gen.tokens[i, :n].tolist()])
+            alone = policy(ids, labels, temperature=0.7, return_values=True)
+            v_alone = rl.shift_right(critic(ids))
+            for k in ("logp", "entropy", "values"):
+                torch.testing.assert_close(out[k][i, :n], alone[k][0, len(p):], atol=1e-5, rtol=0)
+                assert (out[k][i, n:] == 0).all()
+            torch.testing.assert_close(vals[i, :n], v_alone[0, len(p):], atol=1e-5, rtol=0)
+
+
 def test_eos_kept_in_mask_pad_eq_eos_and_truncation_told_apart():
     torch.manual_seed(1)
     lm, tok = M.load_model_and_tokenizer("tiny")
