@@ -156,10 +156,10 @@ def bench_generate(cfg: Config, d, dtype, model, tok, peak: float) -> None:
               f"({tokens[-1] / dt:.1f} tok/s)", flush=True)
     peak_mem = peak_memory(d.device)
     tok_s = [n / t for n, t in zip(tokens, times)]
-    slots_s = [cfg.batch * n / t for n, t in zip(steps, times)]  # rows x steps: what the engine computed
+    slots_s = [cfg.batch * n / t for n, t in zip(steps, times)]  # batch x steps: an upper bound of what was computed
     gib = 2 ** 30
     print(f"generated tokens/s  {statistics.median(tok_s):10.1f}  (median; min {min(tok_s):.1f}, max {max(tok_s):.1f})")
-    print(f"row-steps/s         {statistics.median(slots_s):10.1f}  (rows x decode steps, finished rows included)")
+    print(f"row-steps/s         {statistics.median(slots_s):10.1f}  (batch x decode steps; rows that finished are dropped from the batch, so fewer were computed)")
     print(f"peak memory         {peak_mem / gib:10.2f} GiB (+{(peak_mem - base) / gib:.2f} GiB over the loaded model)")
     print(f"MFU                 {100 * 2 * n_params * statistics.median(tok_s) / peak:10.1f} %  (2 N tokens/s of the "
           f"measured {dtype} matmul peak, {peak / 1e9:.1f} GFLOP/s)")
