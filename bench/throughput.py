@@ -14,11 +14,16 @@ Benchmark: training throughput and MFU of the shared training path on this machi
    (sampler.sampling_model + sampler.generate: in bf16 the weight copy and the written-out decode
    step), and prints generated tokens/s and MFU = 2 N tokens/s / the measured matmul peak (decoding
    is memory-bound: this MFU is low by nature). --repeats timed runs after a warm-up; the median.
+4. --mode rl_update: one forward + backward of stage 4's update (`04_rl.response_forward`) on --batch
+   samples (the held-out math prompts, random response ids of lengths uniform in 10..--new_tokens),
+   packed (`pack_rollout`, what the stage runs) and, alternated with it, left/right padded
+   (`collate_rollout`, the layout before packing); prints the seconds and real tokens/s of each.
 
     python bench/throughput.py                                          # embedded model, batch 2, seq 256
     python bench/throughput.py --model tiny --batch 8 --seq 512 --steps 5
     python bench/throughput.py --device cuda --batch 16 --seq 2048      # on a GPU
     python bench/throughput.py --mode generate --batch 64 --new_tokens 96  # the sampler (speed issue's goal)
+    python bench/throughput.py --mode rl_update --batch 32 --new_tokens 96 # stage 4's update, packed vs padded
 
 The first step (first generate call) is a warm-up and is not timed. It asserts nothing: it is a benchmark.
 """
@@ -38,7 +43,8 @@ import sampler as S  # noqa: E402
 
 @dataclass
 class Config:
-    mode: str = C.arg("train", "train (optimizer steps: tokens/s, MFU) | generate (the sampler: tokens/s)")
+    mode: str = C.arg("train", "train (optimizer steps: tokens/s, MFU) | generate (the sampler: tokens/s) | "
+                               "rl_update (stage 4's forward + backward, packed vs padded)")
     model: str = C.arg(M.EMBEDDED, "tiny | smollm2-135m-instruct | a local HF dir")
     batch: int = C.arg(2, "sequences per step")
     seq: int = C.arg(256, "tokens per sequence")
@@ -165,14 +171,61 @@ def bench_generate(cfg: Config, d, dtype, model, tok, peak: float) -> None:
           f"measured {dtype} matmul peak, {peak / 1e9:.1f} GFLOP/s)")
 
 
+def bench_rl_update(cfg: Config, d, dtype, model, tok, peak: float) -> None:
+    """Stage 4's update forward + backward, packed (what it runs) vs padded, alternated, cfg.repeats
+    rounds after a warm-up of each; the median seconds and real (prompt + response) tokens/s."""
+    import random
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from stage_scripts import load_script
+    rl = load_script("04_rl.py", "rl04_throughput")
+    rows = C.read_jsonl(C.resolve_path(cfg.prompts), required=("question",))
+    prompts = [C.chat_prompt_ids(tok, [{"role": "user", "content": rows[i % len(rows)]["question"]}])
+               for i in range(cfg.batch)]
+    rng = random.Random(cfg.seed)
+    lengths = torch.tensor([rng.randint(min(10, cfg.new_tokens), cfg.new_tokens) for _ in range(cfg.batch)])
+    tokens = torch.randint(0, model.get_input_embeddings().weight.shape[0], (cfg.batch, cfg.new_tokens),
+                           generator=torch.Generator().manual_seed(cfg.seed))
+    policy = M.LogProbModel(model).to(d.device)
+    real = sum(map(len, prompts)) + int(lengths.sum())
+    padded, _ = rl.collate_rollout(prompts, tokens, lengths, tok.pad_token_id)
+    packed, _ = rl.pack_rollout(prompts, tokens, lengths, tok.pad_token_id)
+    print(f"model {cfg.model}: {cfg.batch} samples, {real} real tokens; padded {tuple(padded['input_ids'].shape)}, "
+          f"packed {tuple(packed['input_ids'].shape)}", flush=True)
+
+    def run_packed():
+        with C.fwd_context(policy, d, dtype):
+            out = rl.response_forward(policy, prompts, tokens, lengths, tok.pad_token_id, 1.0, d.device)
+        out["logp"].float().sum().backward()
+
+    def run_padded():
+        b = {k: v.to(d.device) for k, v in padded.items()}
+        with C.fwd_context(policy, d, dtype):
+            out = policy(b["input_ids"], b["labels"], position_ids=b["position_ids"],
+                         attention_mask=b["attention_mask"], temperature=1.0)
+        out["logp"].float().sum().backward()
+    times = {"packed": [], "padded": []}
+    for r in range(cfg.repeats + 1):
+        for name, fn in (("packed", run_packed), ("padded", run_padded)):
+            t0 = time.perf_counter()
+            fn()
+            sync(d.device)
+            if r:  # round 0 is the warm-up
+                times[name].append(time.perf_counter() - t0)
+    for name, ts in times.items():
+        t = statistics.median(ts)
+        print(f"{name:6s} forward + backward {t:8.3f} s  (min {min(ts):.3f}, max {max(ts):.3f})  "
+              f"{real / t:10.1f} real tokens/s")
+    print(f"speed packed / padded {statistics.median(times['padded']) / statistics.median(times['packed']):.2f}x")
+
+
 # ----------------------------------------------------------------------------------------------
 # Training steps
 
 
 def main(argv=None):
     cfg = C.parse_config(Config, argv)
-    if cfg.mode not in ("train", "generate"):  # before the matmul peak and the model load
-        raise SystemExit(f"--mode must be train or generate, not {cfg.mode!r}")
+    if cfg.mode not in ("train", "generate", "rl_update"):  # before the matmul peak and the model load
+        raise SystemExit(f"--mode must be train, generate or rl_update, not {cfg.mode!r}")
     d = C.init_distributed(cfg.device)
     dev = d.device
     dtype = C.resolve_dtype(cfg.precision, dev)
@@ -187,8 +240,8 @@ def main(argv=None):
         print(f"matmul peak {name}: {flops / 1e9:10.1f} GFLOP/s  (n = {n})", flush=True)
 
     model, tok = M.load_model_and_tokenizer(cfg.model, cfg.seed)
-    if cfg.mode == "generate":
-        bench_generate(cfg, d, dtype, model, tok, peaks[dtype])
+    if cfg.mode in ("generate", "rl_update"):
+        (bench_generate if cfg.mode == "generate" else bench_rl_update)(cfg, d, dtype, model, tok, peaks[dtype])
         C.cleanup_distributed(d)
         return
     policy = C.shard_model(M.LogProbModel(model), d, dtype, cfg.activation_checkpointing)

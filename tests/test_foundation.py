@@ -308,6 +308,8 @@ def test_benchmarks_run_on_the_tiny_shapes(tmp_path):
                  "--matmul_budget_s", "0.05", "--device", "cpu"],
                 ["bench/throughput.py", "--mode", "generate", "--model", "tiny", "--batch", "2", "--new_tokens", "4",
                  "--repeats", "1", "--matmul_budget_s", "0.05", "--device", "cpu"],
+                ["bench/throughput.py", "--mode", "rl_update", "--model", "tiny", "--batch", "3", "--new_tokens", "12",
+                 "--repeats", "1", "--matmul_budget_s", "0.05", "--device", "cpu"],
                 ["bench/logprobs_memory.py", "--batch", "1", "--seq", "8", "--vocab", "64", "--hidden", "16",
                  "--chunk_size", "4"]):
         res = subprocess.run([sys.executable, str(ROOT / cmd[0]), *cmd[1:]], cwd=tmp_path, env=env,
