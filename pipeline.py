@@ -44,10 +44,10 @@ STAGES = (  # (name, script, flag that takes the previous stage's final/)
 # Flags the pipeline gives a stage before the user's --stageN flags. Stages 2 and 3 skip their own
 # math (and code) evals: the pipeline's eval of every final/ measures each model on the same
 # questions; stage 2 keeps its agent eval, stage 3 its KL and speed. The rest fits the 20-minute
-# budget (README): stage 2 24 steps at lr 1e-4 (12 steps at 2e-4 kept 3 of stage 1's 9/40 math and
-# reached 34% agent success; 24 at 1e-4 kept 7/40, code 9/24, agent success 44%: measured); stage 3 a 24-layer
-# student (the 15-layer default lost all of the teacher's math and most of its verification
-# format: measured), 18 steps, 40 prompts per source, DPO pairs from 20 of them; stage 4 6 GRPO
+# budget (README): stage 2 24 steps at lr 1e-4 (12 steps at 2e-4 kept 3 of stage 1's 9/40 math
+# and reached 34% agent success; 24 at 1e-4 kept 7/40, code 9/24, agent success 44%: measured);
+# stage 3 a 24-layer student (the 15-layer default lost all of the teacher's math and most of its
+# verification format: measured), 18 steps, 40 prompts per source, DPO pairs from 20 of them; stage 4 6 GRPO
 # steps with S2R's process rewards (each verification rewarded for a verdict that matches its
 # attempt: the only signal left when every answer of a group is wrong; 128 tokens so the
 # verification fits) and, before them, a Bradley-Terry reward model (20 steps) on the student

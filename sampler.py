@@ -146,10 +146,9 @@ def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, eo
     `gathered_for_generation(root)` so parameters are gathered once.
     """
     lm = model.lm if isinstance(model, M.LogProbModel) else model
-    eos = torch.tensor([eos_ids] if isinstance(eos_ids, int) else list(eos_ids))
     device = next(lm.parameters()).device
+    eos = torch.tensor([eos_ids] if isinstance(eos_ids, int) else list(eos_ids), device=device)
     B, P = len(prompts), max(len(p) for p in prompts)
-    eos = eos.to(device)
     raw, past, attn, pos = prefill(lm, prompts, pad_id, device)
     engine = _ENGINES.get(lm)  # the written-out decode step (bf16 copies only)
     if engine is not None:  # the engine's cache is pre-allocated; -inf bias on the left padding
@@ -193,8 +192,9 @@ def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, eo
         done_now = alive & torch.isin(nxt, eos)
         if stop_strings and tok is not None:
             for i in alive.nonzero().flatten().tolist():
-                texts[int(rows[i])] += tok.decode([int(nxt[i])])
-                if any(s in texts[int(rows[i])] for s in stop_strings):
+                j = int(rows[i])  # the prompt this row answers
+                texts[j] += tok.decode([int(nxt[i])])
+                if any(s in texts[j] for s in stop_strings):
                     done_now[i] = True
         finished |= done_now
         done[rows[done_now]] = True

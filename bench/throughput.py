@@ -130,11 +130,16 @@ def _status_kb(field: str) -> int:
 # Generation
 
 
+def chat_prompts(cfg: Config, tok) -> list[list[int]]:
+    """cfg.batch prompt id lists: the questions of cfg.prompts in the chat template, cycled."""
+    rows = C.read_jsonl(C.resolve_path(cfg.prompts), required=("question",))
+    return [C.chat_prompt_ids(tok, [{"role": "user", "content": rows[i % len(rows)]["question"]}])
+            for i in range(cfg.batch)]
+
+
 def bench_generate(cfg: Config, d, dtype, model, tok, peak: float) -> None:
     """Median tokens/s of cfg.repeats generate calls (after one warm-up) on cfg.batch chat prompts."""
-    rows = C.read_jsonl(C.resolve_path(cfg.prompts), required=("question",))
-    prompts = [C.chat_prompt_ids(tok, [{"role": "user", "content": rows[i % len(rows)]["question"]}])
-               for i in range(cfg.batch)]
+    prompts = chat_prompts(cfg, tok)
     policy = M.LogProbModel(model).to(d.device)
     n_params = sum(p.numel() for p in policy.parameters())
     print(f"model {cfg.model}: {n_params / 1e6:.2f}M parameters; {cfg.batch} prompts of "
@@ -178,9 +183,7 @@ def bench_rl_update(cfg: Config, d, dtype, model, tok, peak: float) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from stage_scripts import load_script
     rl = load_script("04_rl.py", "rl04_throughput")
-    rows = C.read_jsonl(C.resolve_path(cfg.prompts), required=("question",))
-    prompts = [C.chat_prompt_ids(tok, [{"role": "user", "content": rows[i % len(rows)]["question"]}])
-               for i in range(cfg.batch)]
+    prompts = chat_prompts(cfg, tok)
     rng = random.Random(cfg.seed)
     lengths = torch.tensor([rng.randint(min(10, cfg.new_tokens), cfg.new_tokens) for _ in range(cfg.batch)])
     tokens = torch.randint(0, model.get_input_embeddings().weight.shape[0], (cfg.batch, cfg.new_tokens),
