@@ -2,7 +2,7 @@
 Stage 3: dual-level preference distillation, large teacher -> small student (03_distill.py).
 
 A frozen teacher (default: stage 2's output) teaches a smaller student (default: the teacher with
-15 of its 30 decoder layers kept) at two levels at once:
+15 of its 30 decoder layers kept, the 15 that change its hidden states most) at two levels at once:
   token level     the student matches the teacher's next-token distribution at every response
                   token (a divergence between two [V] distributions per position);
   sequence level  the student learns the teacher's whole responses (sequence-level KD) and the
@@ -16,7 +16,9 @@ Papers
   On-policy distillation, generalised JSD, the lmbda mixture: GKD, Agarwal et al. 2024, arXiv:2306.13649
   Skew KL: DistiLLM, Ko et al. 2024, arXiv:2402.03898
   DPO: Rafailov et al. 2023, arXiv:2305.18290
-  Layer-dropped students: DistilBERT arXiv:1910.01108 (every other layer), Minitron arXiv:2407.14679
+  Layer-dropped students: DistilBERT arXiv:1910.01108 (every other layer), Minitron arXiv:2407.14679,
+  which layers: ShortGPT's Block Influence, Men et al. 2024, arXiv:2403.03853; the angular distance
+  of a block, Gromov et al. 2024, arXiv:2403.17887
 
 One optimizer step (mirrored by `# step N` comments in `train_step`)
   1. the step's prompts from the shuffled stream (C.epoch_stream_indices: exact resume); a seeded
@@ -114,8 +116,13 @@ class Config:
     teacher: str = C.arg("auto", "teacher: HF dir, 'smollm2-135m-instruct', 'tiny' (tests); auto = "
                                  f"{STAGE2_OUT} if it exists, else the embedded SmolLM2-135M")
     student: str = C.arg("", "student: an HF dir with the teacher's vocabulary; '' = built from the teacher")
-    student_layers: str = C.arg("15", "student built from the teacher: N (evenly spaced, first and last kept) "
+    student_layers: str = C.arg("15", "student built from the teacher: N of its layers (which ones: --layer_choice) "
                                       "or a list 0,2,4 of teacher layer indices")
+    layer_choice: str = C.arg("influence", "which N layers: even (evenly spaced, first and last kept) | block (drop "
+                                           "the contiguous block that changes the hidden state least) | influence "
+                                           "(drop the layers that change it least); measured: README")
+    layer_calib: int = C.arg(16, "block / influence: training references per prompt source the teacher's hidden "
+                                 "states are measured on")
     student_intermediate: int = C.arg(0, "student MLP width (0 = the teacher's); narrower keeps the largest channels")
     out_dir: str = C.arg("runs/03_distill", "output dir: metrics.jsonl, eval_summary.json, caches, ckpt-*, final/")
     seed: int = C.arg(0, "seed of the data stream, the on-policy draws and the samples")
@@ -487,6 +494,69 @@ def pick_layers(spec: str, n_layers: int) -> list[int]:
     if not layers or layers != sorted(set(layers)) or layers[0] < 0 or layers[-1] >= n_layers:
         raise ValueError(f"--student_layers {spec!r}: need increasing indices in 0..{n_layers - 1}")
     return layers
+
+
+def block_distances(hidden: torch.Tensor, n_drop: int) -> torch.Tensor:
+    """Angular distance across each block of n_drop consecutive layers (Gromov et al. 2024,
+    arXiv:2403.17887, eq. 7), summed over positions:
+
+        d_l = sum_t arccos(cos(h_l[t], h_{l+n}[t])) / pi,    l = 0 .. L-1-n
+
+    hidden: [L+1, T, H], hidden[l] the input of layer l (hidden[L] the last layer's output).
+    Dropping layers l .. l+n-1 is cheapest where d_l is smallest (0: the block does nothing to the
+    direction of any position's hidden state; 0.5: it makes it orthogonal). Blocks containing the
+    last layer are not candidates (its output feeds the head). Returns [L - n] (float64)."""
+    L = hidden.shape[0] - 1
+    h = hidden.double()
+    a, b = h[:L - n_drop], h[n_drop:L]  # [L-n, T, H]: block input, block output
+    cos = F.cosine_similarity(a, b, dim=-1).clamp(-1.0, 1.0)
+    return (torch.arccos(cos) / math.pi).sum(-1)
+
+
+def block_influence(hidden: torch.Tensor) -> torch.Tensor:
+    """ShortGPT's Block Influence (Men et al. 2024, arXiv:2403.03853, eq. 1) of every layer, summed
+    over positions:  BI_i = sum_t (1 - cos(h_i[t], h_{i+1}[t])).  hidden: [L+1, T, H] as in
+    block_distances. The layers with the smallest BI change their input least. Returns [L] (float64)."""
+    h = hidden.double()
+    return (1.0 - F.cosine_similarity(h[:-1], h[1:], dim=-1)).sum(-1)
+
+
+def choose_layers(t_lm: nn.Module, tok, cfg: Config, d) -> tuple[list[int], dict]:
+    """--student_layers -> (teacher layer indices to keep, what decided it). A list, or --layer_choice
+    even, is taken as pick_layers gives it; otherwise the teacher runs (fp32, no grad) over the first
+    --layer_calib training references of every prompt source (prompt + reference through the chat
+    template: training data, never the held-out sets), and n = L - N layers are dropped:
+      block      the contiguous block l .. l+n-1 with the smallest mean block_distances
+      influence  the n layers with the smallest mean block_influence
+    The last layer is always kept. Rank 0's choice is used on every rank (one object gathered)."""
+    n_layers = t_lm.config.num_hidden_layers
+    layers = pick_layers(cfg.student_layers, n_layers)  # validates N (or the list)
+    n_drop = n_layers - len(layers)
+    if "," in cfg.student_layers or cfg.layer_choice == "even" or n_drop == 0:
+        return layers, {"layer_choice": "list" if "," in cfg.student_layers else "even"}
+    tasks = load_tasks(cfg.prompts, tok, cfg.layer_calib, cfg.max_len, Counter(), "layer calibration")
+    score, n_tok = torch.zeros(n_layers - n_drop if cfg.layer_choice == "block" else n_layers, dtype=torch.float64), 0
+    was_training = t_lm.training
+    t_lm.eval()
+    with torch.no_grad():
+        for t in tasks:
+            ids = text_sample(tok, t, t["reference"])["input_ids"] if t.get("reference") else t["prompt_ids"]
+            ids = torch.tensor([ids[:cfg.max_len]], device=next(t_lm.parameters()).device)
+            # HF's hidden_states[L] is taken after the final norm: neither score uses it for a
+            # layer that can be dropped (blocks end before the last layer; its BI is ignored)
+            hidden = torch.stack(t_lm(ids, output_hidden_states=True).hidden_states)[:, 0]  # [L+1, T, H]
+            score += (block_distances(hidden, n_drop) if cfg.layer_choice == "block" else block_influence(hidden)).cpu()
+            n_tok += ids.shape[1]
+    t_lm.train(was_training)
+    score = score / n_tok
+    if cfg.layer_choice == "block":
+        start = int(score.argmin())
+        drop = set(range(start, start + n_drop))
+    else:
+        drop = set(score[:-1].topk(n_drop, largest=False).indices.tolist())  # the last layer is kept
+    layers = C.gather_objects([[i for i in range(n_layers) if i not in drop]], d)[0]
+    return layers, {"layer_choice": cfg.layer_choice, "layer_scores": [round(float(x), 5) for x in score],
+                    "layers_dropped": sorted(set(range(n_layers)) - set(layers)), "calibration_tokens": n_tok}
 
 
 def make_student(teacher_lm: nn.Module, layers: list[int], intermediate: int = 0) -> nn.Module:
@@ -1159,6 +1229,8 @@ def load_eval_sets(cfg: Config, tok, skipped: Counter) -> dict:
 def check_config(cfg: Config) -> None:
     if cfg.divergence not in DIVERGENCE_NAMES:
         raise ValueError(f"--divergence must be one of {DIVERGENCE_NAMES}, got {cfg.divergence!r}")
+    if cfg.layer_choice not in ("even", "block", "influence"):
+        raise ValueError(f"--layer_choice must be even, block or influence, got {cfg.layer_choice!r}")
     if cfg.offpolicy not in ("teacher", "dataset"):
         raise ValueError(f"--offpolicy must be teacher or dataset, got {cfg.offpolicy!r}")
     if cfg.pref_scorer not in ("verifier", "teacher_logp", "auto"):
@@ -1191,12 +1263,13 @@ def load_models(cfg: Config, ck, d, dtype):
         s_name = cfg.student
         s_lm, s_tok = M.load_model_and_tokenizer(s_name, cfg.seed + 1)
     else:
-        layers = pick_layers(cfg.student_layers, t_lm.config.num_hidden_layers)
+        layers, how = choose_layers(t_lm, tok, cfg, d)
         s_name = f"{t_name} layers {layers}"
         s_lm, s_tok = make_student(t_lm, layers, cfg.student_intermediate), tok
+        C.print0(f"student layers ({how['layer_choice']}): dropped {how.get('layers_dropped', 'by the list')}")
     check_compatible(tok, s_tok, t_lm, s_lm, t_name, s_name)
     info = {"teacher": t_name, "student": s_name, "teacher_params": n_params(t_lm), "student_params": n_params(s_lm),
-            "teacher_id": model_id(t_name, t_lm)}
+            "teacher_id": model_id(t_name, t_lm), **(how if ck is None and not cfg.student else {})}
     C.print0(f"teacher {t_name}: {info['teacher_params'] / 1e6:.1f}M parameters, {t_lm.config.num_hidden_layers} layers")
     C.print0(f"student {s_name}: {info['student_params'] / 1e6:.1f}M parameters, {s_lm.config.num_hidden_layers} layers")
     teacher = C.shard_model(TeacherModel(frozen(t_lm, dtype), cfg.chunk_size), d, dtype)

@@ -15,7 +15,7 @@ out_dir/timings.json (a resumed stage adds the time of each attempt).
 
 Stage by stage: 01_cold_start_sft.py (from the embedded model or --model), 02_overall_sft.py
 --model <stage 1>/final (its reasoning data: stage 1's S2R trajectories, `--reasoning s2r`),
-03_distill.py --teacher <stage 2>/final (student: its 24-layer copy, see STAGE_FLAGS),
+03_distill.py --teacher <stage 2>/final (student: a 27-layer copy, see STAGE_FLAGS),
 04_rl.py --mode train_reward_model (a reward model on the student) then 04_rl.py --model
 <stage 3>/final. Nothing clever: it builds five command lines and runs them.
 """
@@ -46,15 +46,16 @@ STAGES = (  # (name, script, flag that takes the previous stage's final/)
 # questions; stage 2 keeps its agent eval, stage 3 its KL and speed. The rest fits the 20-minute
 # budget (README): stage 2 24 steps at lr 1e-4 (12 steps at 2e-4 kept 3 of stage 1's 9/40 math
 # and reached 34% agent success; 24 at 1e-4 kept 7/40, code 9/24, agent success 44%: measured);
-# stage 3 a 24-layer student (the 15-layer default lost all of the teacher's math and most of its
-# verification format: measured), 18 steps, 40 prompts per source, DPO pairs from 20 of them; stage 4 6 GRPO
-# steps with S2R's process rewards (each verification rewarded for a verdict that matches its
-# attempt: the only signal left when every answer of a group is wrong; 128 tokens so the
-# verification fits) and, before them, a Bradley-Terry reward model (20 steps) on the student
-# (RM_FLAGS), measured on held-out pairs.
+# stage 3 a 27-layer student, the block of 3 layers that turns the teacher's hidden states least
+# dropped (--layer_choice block), lr 1e-4 (24 layers evenly spaced at 3e-4 kept 1 of the teacher's
+# 7/40 math, 27 by block at 1e-4 kept 3: measured, README "Stage 3"), 18 steps, 40 prompts per
+# source, DPO pairs from 20 of them; stage 4 6 GRPO steps with S2R's process rewards (each
+# verification rewarded for a verdict that matches its attempt: the only signal left when every
+# answer of a group is wrong; 128 tokens so the verification fits) and, before them, a
+# Bradley-Terry reward model (20 steps) on the student (RM_FLAGS), measured on held-out pairs.
 STAGE_FLAGS = {1: ["--math_test", "", "--max_steps", "24", "--lr", "1e-4"],
-               2: ["--eval_limit", "0", "--code_eval_limit", "0", "--student_layers", "24", "--max_steps", "18",
-                   "--prompt_limit", "40", "--pref_prompts", "20"],
+               2: ["--eval_limit", "0", "--code_eval_limit", "0", "--student_layers", "27", "--layer_choice", "block",
+                   "--lr", "1e-4", "--max_steps", "18", "--prompt_limit", "40", "--pref_prompts", "20"],
                3: ["--stages", "stem:data/math_train.jsonl:6", "--eval_kinds", "stem", "--s2r_reward", "both",
                    "--max_new_tokens", "128", "--lr", "2e-5"]}
 RM_FLAGS = ["--mode", "train_reward_model", "--rm_steps", "20"]

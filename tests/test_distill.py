@@ -267,6 +267,60 @@ def test_pick_layers():
             D3.pick_layers(bad, 4)
 
 
+def test_layer_scores_against_a_loop_and_closed_forms():
+    """block_distances / block_influence against per-position loops with math.acos (float64), and
+    the closed forms: a block that returns its input (distance 0, BI 0), one that turns every
+    position's state by 90 degrees (distance 0.5, BI 1)."""
+    g = torch.Generator().manual_seed(0)
+    L, T, H = 5, 7, 6
+    h = torch.randn(L + 1, T, H, generator=g)
+
+    def cos(a, b):
+        return sum(x * y for x, y in zip(a, b)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+
+    hl = h.double().tolist()
+    for n in (1, 2, 3):
+        want = [sum(math.acos(max(-1.0, min(1.0, cos(hl[l][t], hl[l + n][t])))) / math.pi for t in range(T))
+                for l in range(L - n)]
+        assert D3.block_distances(h, n).tolist() == pytest.approx(want, rel=1e-9)
+    want = [sum(1 - cos(hl[i][t], hl[i + 1][t]) for t in range(T)) for i in range(L)]
+    assert D3.block_influence(h).tolist() == pytest.approx(want, rel=1e-9)
+    flat = h.clone()
+    flat[2] = flat[1] * 3.0  # layer 1 only rescales: the direction is unchanged
+    flat[3] = flat[1] * 0.5
+    assert D3.block_distances(flat, 2)[1].item() == pytest.approx(0.0, abs=1e-6)
+    assert D3.block_influence(flat)[1:3].tolist() == pytest.approx([0.0, 0.0], abs=1e-9)
+    e = torch.zeros(3, T, H)  # two layers; the last one's block is never a candidate
+    e[0, :, 0], e[1, :, 1], e[2, :, 1] = 1.0, 2.0, 1.0  # layer 0 turns every position by 90 degrees
+    assert D3.block_distances(e, 1).tolist() == pytest.approx([0.5 * T])
+    assert D3.block_influence(e).tolist() == pytest.approx([1.0 * T, 0.0])
+
+
+@pytest.mark.parametrize("choice", ["block", "influence"])
+def test_choose_layers_drops_the_layers_that_do_nothing(files, choice):
+    """A 6-layer teacher whose layers 2 and 3 add nothing to the residual stream (their output
+    projections zeroed): asked for 4 layers, both scores drop exactly those two; the student then
+    computes the teacher's function. 'even' ignores the teacher; a list is taken as given."""
+    tok = M.load_model_and_tokenizer(files["teacher"], 0)[1]
+    t_lm = M.tiny_model(tok, seed=2, layers=6)
+    with torch.no_grad():
+        for i in (2, 3):
+            t_lm.model.layers[i].self_attn.o_proj.weight.zero_()
+            t_lm.model.layers[i].mlp.down_proj.weight.zero_()
+    cfg = C.parse_config(D3.Config, ["--student_layers", "4", "--layer_choice", choice, "--layer_calib", "3",
+                                     "--prompts", f"math={files['math']}", f"chat={files['chat']}"])
+    layers, how = D3.choose_layers(t_lm, tok, cfg, C.Dist())
+    assert layers == [0, 1, 4, 5] and how["layers_dropped"] == [2, 3] and how["calibration_tokens"] > 0
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    assert torch.allclose(D3.make_student(t_lm, layers)(ids).logits, t_lm(ids).logits, atol=1e-5)
+    even = C.parse_config(D3.Config, ["--student_layers", "4", "--layer_choice", "even"])
+    assert D3.choose_layers(t_lm, tok, even, C.Dist())[0] == D3.pick_layers("4", 6)
+    given = C.parse_config(D3.Config, ["--student_layers", "0,2,3", "--layer_choice", choice])
+    assert D3.choose_layers(t_lm, tok, given, C.Dist())[0] == [0, 2, 3]
+    with pytest.raises(ValueError, match="layer_choice"):
+        D3.check_config(C.parse_config(D3.Config, ["--layer_choice", "random"]))
+
+
 def test_make_student_copies_the_chosen_layers(tok):
     t_lm = M.tiny_model(tok, seed=3, layers=4)
     s_lm = D3.make_student(t_lm, [0, 2, 3])
