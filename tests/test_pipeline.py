@@ -22,7 +22,7 @@ TINY = {
               "--kl_limit 2 --max_new_tokens 4 --pref_prompts 2 --speed_batch 2 --speed_tokens 2 "
               "--max_prompt_len 300 --max_len 400",
     "stage4": "--precision fp32 --stages stem:data/math_train.jsonl:1 --eval_limit 1 --eval_max_new_tokens 2 "
-              "--max_new_tokens 2 --eval_kinds stem",
+              "--max_new_tokens 2 --eval_kinds stem --prompts_per_step 2 --group_size 2",
     "rm": "--precision fp32 --rm_steps 1 --rm_batch_pairs 2",
 }
 
