@@ -1256,6 +1256,7 @@ def load_models(cfg: Config, ck, d, dtype):
     if t_name == "auto":
         t_name = str(C.resolve_path(STAGE2_OUT)) if C.resolve_path(STAGE2_OUT).exists() else M.EMBEDDED
     t_lm, tok = M.load_model_and_tokenizer(t_name, cfg.seed)
+    how = {}  # how a student built from the teacher got its layers
     if ck is not None:
         s_name = str(ck / "model")
         s_lm, s_tok = M.load_model_and_tokenizer(s_name, cfg.seed)
@@ -1269,7 +1270,7 @@ def load_models(cfg: Config, ck, d, dtype):
         C.print0(f"student layers ({how['layer_choice']}): dropped {how.get('layers_dropped', 'by the list')}")
     check_compatible(tok, s_tok, t_lm, s_lm, t_name, s_name)
     info = {"teacher": t_name, "student": s_name, "teacher_params": n_params(t_lm), "student_params": n_params(s_lm),
-            "teacher_id": model_id(t_name, t_lm), **(how if ck is None and not cfg.student else {})}
+            "teacher_id": model_id(t_name, t_lm), **how}
     C.print0(f"teacher {t_name}: {info['teacher_params'] / 1e6:.1f}M parameters, {t_lm.config.num_hidden_layers} layers")
     C.print0(f"student {s_name}: {info['student_params'] / 1e6:.1f}M parameters, {s_lm.config.num_hidden_layers} layers")
     teacher = C.shard_model(TeacherModel(frozen(t_lm, dtype), cfg.chunk_size), d, dtype)
