@@ -10,6 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import pipeline  # noqa: E402
+from stage_scripts import load_script  # noqa: E402
 
 TINY = {
     "eval": "--precision fp32 --eval_limit 1 --eval_code_limit 1 --eval_transfer_limit 1 --eval_loss_limit 1 "
@@ -108,8 +109,15 @@ def test_eval_flags_reach_stage_1_and_the_eval_runs_alike(tmp_path):
                                                     "--stage1", "--max_steps 2"])
     s1 = pipeline.command(cfg, 0, "m")
     ev = pipeline.eval_command(cfg, "x/final", tmp_path / "e")
-    assert s1[s1.index("--eval_limit") + 1] == "7" == ev[ev.index("--eval_limit") + 1]
-    assert s1.index("--eval_limit") < s1.index("--max_steps")           # the user's stage-1 flags come last
+
+    def last(cmd, flag):  # argparse keeps a flag's last value
+        return max(i for i, x in enumerate(cmd) if x == flag)
+
+    assert s1[last(s1, "--eval_limit") + 1] == "7" == ev[last(ev, "--eval_limit") + 1]  # the user's after EVAL_FLAGS
+    assert s1[last(s1, "--eval_transfer_limit") + 1] == "80" == ev[last(ev, "--eval_transfer_limit") + 1]
+    assert last(s1, "--eval_limit") < s1.index("--max_steps")           # the user's stage-1 flags come last
+    s1_cfg = pipeline.C.parse_config(load_script("01_cold_start_sft.py", "s1_for_eval_flags").Config, s1[2:])
+    assert (s1_cfg.eval_limit, s1_cfg.eval_transfer_limit) == (7, 80)  # what stage 1 really parses
     assert ev[ev.index("--mode") + 1] == "eval" and ev[ev.index("--model") + 1] == "x/final"
 
 
