@@ -48,12 +48,13 @@ STAGES = (  # (name, script, flag that takes the previous stage's final/)
 # and reached 34% agent success; 24 at 1e-4 kept 7/40, code 9/24, agent success 44%: measured);
 # stage 3 a 27-layer student, the block of 3 layers that turns the teacher's hidden states least
 # dropped (--layer_choice block), lr 1e-4 (24 layers evenly spaced at 3e-4 kept 1 of the teacher's
-# 7/40 math, 27 by block at 1e-4 kept 3: measured, README "Stage 3"), 18 steps, 40 prompts per
-# source, DPO pairs from 20 of them; stage 4 6 GRPO steps of 4 prompts x 8 samples (from that
-# student: 2 x 4 kept its 3/40 math, 4 x 8 took it to 5/40: measured) with S2R's process rewards (each
-# verification rewarded for a verdict that matches its attempt: the only signal left when every
-# answer of a group is wrong; 128 tokens so the verification fits) and, before them, a
-# Bradley-Terry reward model (20 steps) on the student (RM_FLAGS), measured on held-out pairs.
+# 7/40 math, 27 by block at 1e-4 kept 3; on the 100-question eval it keeps 2 of 16: measured,
+# README "Stage 3"), 18 steps, 40 prompts per source, DPO pairs from 20 of them; stage 4 6 GRPO
+# steps of 4 prompts x 8 samples (from that student 2 x 4 kept its 3/40 math, 4 x 8 ended at 1-5/40
+# in four runs: noise) with S2R's process rewards (each verification rewarded for a verdict that
+# matches its attempt: the only signal left when every answer of a group is wrong; 128 tokens so
+# the verification fits) and, before them, a Bradley-Terry reward model (20 steps) on the student
+# (RM_FLAGS), measured on held-out pairs.
 STAGE_FLAGS = {1: ["--math_test", "", "--max_steps", "24", "--lr", "1e-4"],
                2: ["--eval_limit", "0", "--code_eval_limit", "0", "--student_layers", "27", "--layer_choice", "block",
                    "--lr", "1e-4", "--max_steps", "18", "--prompt_limit", "40", "--pref_prompts", "20"],
