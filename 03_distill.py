@@ -533,9 +533,11 @@ def choose_layers(t_lm: nn.Module, tok, cfg: Config, d) -> tuple[list[int], dict
     layers = pick_layers(cfg.student_layers, n_layers)  # validates N (or the list)
     n_drop = n_layers - len(layers)
     if "," in cfg.student_layers or cfg.layer_choice == "even" or n_drop == 0:
-        return layers, {"layer_choice": "list" if "," in cfg.student_layers else "even"}
+        return layers, {"layer_choice": "list" if "," in cfg.student_layers else "even",
+                        "layers_dropped": sorted(set(range(n_layers)) - set(layers))}
+    block = cfg.layer_choice == "block"
     tasks = load_tasks(cfg.prompts, tok, cfg.layer_calib, cfg.max_len, Counter(), "layer calibration")
-    score, n_tok = torch.zeros(n_layers - n_drop if cfg.layer_choice == "block" else n_layers, dtype=torch.float64), 0
+    score, n_tok = 0.0, 0
     was_training = t_lm.training
     t_lm.eval()
     with torch.no_grad():
@@ -545,11 +547,11 @@ def choose_layers(t_lm: nn.Module, tok, cfg: Config, d) -> tuple[list[int], dict
             # HF's hidden_states[L] is taken after the final norm: neither score uses it for a
             # layer that can be dropped (blocks end before the last layer; its BI is ignored)
             hidden = torch.stack(t_lm(ids, output_hidden_states=True).hidden_states)[:, 0]  # [L+1, T, H]
-            score += (block_distances(hidden, n_drop) if cfg.layer_choice == "block" else block_influence(hidden)).cpu()
+            score = score + (block_distances(hidden, n_drop) if block else block_influence(hidden)).cpu()
             n_tok += ids.shape[1]
     t_lm.train(was_training)
-    score = score / n_tok
-    if cfg.layer_choice == "block":
+    score = score / n_tok  # [L - n] block distances or [L] block influences, per position
+    if block:
         start = int(score.argmin())
         drop = set(range(start, start + n_drop))
     else:
@@ -1267,7 +1269,7 @@ def load_models(cfg: Config, ck, d, dtype):
         layers, how = choose_layers(t_lm, tok, cfg, d)
         s_name = f"{t_name} layers {layers}"
         s_lm, s_tok = make_student(t_lm, layers, cfg.student_intermediate), tok
-        C.print0(f"student layers ({how['layer_choice']}): dropped {how.get('layers_dropped', 'by the list')}")
+        C.print0(f"student layers ({how['layer_choice']}): dropped {how['layers_dropped']}")
     check_compatible(tok, s_tok, t_lm, s_lm, t_name, s_name)
     info = {"teacher": t_name, "student": s_name, "teacher_params": n_params(t_lm), "student_params": n_params(s_lm),
             "teacher_id": model_id(t_name, t_lm), **how}

@@ -314,7 +314,8 @@ def test_choose_layers_drops_the_layers_that_do_nothing(files, choice):
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     assert torch.allclose(D3.make_student(t_lm, layers)(ids).logits, t_lm(ids).logits, atol=1e-5)
     even = C.parse_config(D3.Config, ["--student_layers", "4", "--layer_choice", "even"])
-    assert D3.choose_layers(t_lm, tok, even, C.Dist())[0] == D3.pick_layers("4", 6)
+    kept, how = D3.choose_layers(t_lm, tok, even, C.Dist())
+    assert kept == D3.pick_layers("4", 6) and how["layers_dropped"] == sorted(set(range(6)) - set(kept))
     given = C.parse_config(D3.Config, ["--student_layers", "0,2,3", "--layer_choice", choice])
     assert D3.choose_layers(t_lm, tok, given, C.Dist())[0] == [0, 2, 3]
     with pytest.raises(ValueError, match="layer_choice"):
