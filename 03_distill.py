@@ -120,9 +120,10 @@ class Config:
                                       "or a list 0,2,4 of teacher layer indices")
     layer_choice: str = C.arg("influence", "which N layers: even (evenly spaced, first and last kept) | block (drop "
                                            "the contiguous block that changes the hidden state least) | influence "
-                                           "(drop the layers that change it least); measured: README")
-    layer_calib: int = C.arg(16, "block / influence: training references per prompt source the teacher's hidden "
-                                 "states are measured on")
+                                           "(drop the layers that change it least) | ppl (drop the layers whose "
+                                           "removal raises the references' NLL least); measured: README")
+    layer_calib: int = C.arg(16, "block / influence / ppl: training references per prompt source the teacher is "
+                                 "measured on")
     student_intermediate: int = C.arg(0, "student MLP width (0 = the teacher's); narrower keeps the largest channels")
     out_dir: str = C.arg("runs/03_distill", "output dir: metrics.jsonl, eval_summary.json, caches, ckpt-*, final/")
     seed: int = C.arg(0, "seed of the data stream, the on-policy draws and the samples")
@@ -521,13 +522,49 @@ def block_influence(hidden: torch.Tensor) -> torch.Tensor:
     return (1.0 - F.cosine_similarity(h[:-1], h[1:], dim=-1)).sum(-1)
 
 
-def choose_layers(t_lm: nn.Module, tok, cfg: Config, d) -> tuple[list[int], dict]:
+@torch.no_grad()
+def skip_layer_nll(t_lm: nn.Module, ids: torch.Tensor, n_prompt: int) -> torch.Tensor:
+    """Shortened LLaMA's PPL criterion (Kim et al. 2024, arXiv:2402.02834, sec. 3) on one sequence:
+
+        nll_i = - sum_{t >= n_prompt} log p_{model without layer i}(x_t | x_<t),   i = 0 .. L-1
+        nll_L = the same for the whole model
+
+    ids: [1, T] prompt + reference; only the reference's tokens are scored. Layers 0 .. i-1 are the
+    same with or without layer i, so one full forward gives every h_i (the input of layer i) and
+    the run without layer i restarts from h_i at layer i+1, with the arguments (mask, rotary
+    embeddings) the model passed its layers. Returns [L + 1] float64; no grad."""
+    kw = {}
+    hook = t_lm.model.layers[0].register_forward_pre_hook(lambda m, a, k: kw.update(k), with_kwargs=True)
+    try:
+        out = t_lm(ids, output_hidden_states=True, use_cache=False)
+    finally:
+        hook.remove()
+    kw = {k: v for k, v in kw.items() if k != "hidden_states"}
+    y = ids[0, n_prompt:]
+
+    def nll(logits: torch.Tensor) -> torch.Tensor:  # logits [1, T - n_prompt, V] -> summed NLL of y
+        return F.cross_entropy(logits[0].float(), y, reduction="sum").double()
+
+    layers, L = t_lm.model.layers, t_lm.config.num_hidden_layers
+    scores = []
+    for i in range(L):
+        h = out.hidden_states[i]  # the input of layer i (hidden_states[L] is after the final norm)
+        for layer in layers[i + 1:L]:
+            h = layer(h, **kw)
+            h = h[0] if isinstance(h, tuple) else h
+        scores.append(nll(t_lm.lm_head(t_lm.model.norm(h[:, n_prompt - 1:-1]))))  # only where y is predicted
+    return torch.stack(scores + [nll(out.logits[:, n_prompt - 1:-1])]).cpu()
+
+
+def choose_layers(t_lm: nn.Module, tok, cfg: Config, d, dtype=torch.float32) -> tuple[list[int], dict]:
     """--student_layers -> (teacher layer indices to keep, what decided it). A list, or --layer_choice
     even, is taken as pick_layers gives it; otherwise the teacher runs (fp32, no grad) over the first
     --layer_calib training references of every prompt source (prompt + reference through the chat
     template: training data, never the held-out sets), and n = L - N layers are dropped:
       block      the contiguous block l .. l+n-1 with the smallest mean block_distances
       influence  the n layers with the smallest mean block_influence
+      ppl        the n layers whose removal (one at a time) raises the references' mean NLL least
+                 (skip_layer_nll; run in the compute dtype: ~L^2/2 layer forwards per reference)
     The last layer is always kept. Rank 0's choice is used on every rank (one object gathered)."""
     n_layers = t_lm.config.num_hidden_layers
     layers = pick_layers(cfg.student_layers, n_layers)  # validates N (or the list)
@@ -535,22 +572,32 @@ def choose_layers(t_lm: nn.Module, tok, cfg: Config, d) -> tuple[list[int], dict
     if "," in cfg.student_layers or cfg.layer_choice == "even" or n_drop == 0:
         return layers, {"layer_choice": "list" if "," in cfg.student_layers else "even",
                         "layers_dropped": sorted(set(range(n_layers)) - set(layers))}
-    block = cfg.layer_choice == "block"
+    block, ppl = cfg.layer_choice == "block", cfg.layer_choice == "ppl"
     tasks = load_tasks(cfg.prompts, tok, cfg.layer_calib, cfg.max_len, Counter(), "layer calibration")
     score, n_tok = 0.0, 0
     was_training = t_lm.training
     t_lm.eval()
-    with torch.no_grad():
+    with torch.no_grad(), C.fwd_context(t_lm, d, dtype if ppl else torch.float32):
         for t in tasks:
             ids = text_sample(tok, t, t["reference"])["input_ids"] if t.get("reference") else t["prompt_ids"]
             ids = torch.tensor([ids[:cfg.max_len]], device=next(t_lm.parameters()).device)
+            if ppl:  # only references are scored (a chat task without one adds nothing)
+                if not t.get("reference") or ids.shape[1] <= len(t["prompt_ids"]):
+                    continue
+                score = score + skip_layer_nll(t_lm, ids, len(t["prompt_ids"]))
+                n_tok += ids.shape[1] - len(t["prompt_ids"])
+                continue
             # HF's hidden_states[L] is taken after the final norm: neither score uses it for a
             # layer that can be dropped (blocks end before the last layer; its BI is ignored)
             hidden = torch.stack(t_lm(ids, output_hidden_states=True).hidden_states)[:, 0]  # [L+1, T, H]
             score = score + (block_distances(hidden, n_drop) if block else block_influence(hidden)).cpu()
             n_tok += ids.shape[1]
     t_lm.train(was_training)
-    score = score / n_tok  # [L - n] block distances or [L] block influences, per position
+    if not n_tok:
+        raise ValueError(f"--layer_choice {cfg.layer_choice}: no calibration tokens in {cfg.prompts}")
+    score = score / n_tok  # [L - n] block distances, [L] block influences or [L + 1] NLLs, per token
+    if ppl:
+        score = score[:-1] - score[-1]  # [L]: how much removing each layer raises the mean NLL
     if block:
         start = int(score.argmin())
         drop = set(range(start, start + n_drop))
@@ -1231,8 +1278,8 @@ def load_eval_sets(cfg: Config, tok, skipped: Counter) -> dict:
 def check_config(cfg: Config) -> None:
     if cfg.divergence not in DIVERGENCE_NAMES:
         raise ValueError(f"--divergence must be one of {DIVERGENCE_NAMES}, got {cfg.divergence!r}")
-    if cfg.layer_choice not in ("even", "block", "influence"):
-        raise ValueError(f"--layer_choice must be even, block or influence, got {cfg.layer_choice!r}")
+    if cfg.layer_choice not in ("even", "block", "influence", "ppl"):
+        raise ValueError(f"--layer_choice must be even, block, influence or ppl, got {cfg.layer_choice!r}")
     if cfg.offpolicy not in ("teacher", "dataset"):
         raise ValueError(f"--offpolicy must be teacher or dataset, got {cfg.offpolicy!r}")
     if cfg.pref_scorer not in ("verifier", "teacher_logp", "auto"):
@@ -1266,7 +1313,7 @@ def load_models(cfg: Config, ck, d, dtype):
         s_name = cfg.student
         s_lm, s_tok = M.load_model_and_tokenizer(s_name, cfg.seed + 1)
     else:
-        layers, how = choose_layers(t_lm, tok, cfg, d)
+        layers, how = choose_layers(t_lm, tok, cfg, d, dtype)
         s_name = f"{t_name} layers {layers}"
         s_lm, s_tok = make_student(t_lm, layers, cfg.student_intermediate), tok
         C.print0(f"student layers ({how['layer_choice']}): dropped {how['layers_dropped']}")

@@ -296,6 +296,29 @@ def test_layer_scores_against_a_loop_and_closed_forms():
     assert D3.block_influence(e).tolist() == pytest.approx([1.0 * T, 0.0])
 
 
+def test_skip_layer_nll_against_students_built_without_each_layer(tok):
+    """skip_layer_nll (prefix reused, restarted at layer i+1) against a loop that builds a student
+    without layer i (make_student) and sums -log p of each reference token one at a time in
+    float64; the last entry is the whole model's. Closed form: a layer that adds nothing to the
+    residual stream costs exactly 0."""
+    t_lm = M.tiny_model(tok, seed=4, layers=4).eval()
+    with torch.no_grad():
+        t_lm.model.layers[1].self_attn.o_proj.weight.zero_()
+        t_lm.model.layers[1].mlp.down_proj.weight.zero_()
+    ids, n_prompt = torch.tensor([[5, 9, 13, 7, 21, 8, 30, 11]]), 3
+    with torch.no_grad():
+        got = D3.skip_layer_nll(t_lm, ids, n_prompt)
+
+        def naive(lm):
+            logp = lm(ids).logits[0].double().log_softmax(-1)
+            return sum(-logp[t - 1, ids[0, t]].item() for t in range(n_prompt, ids.shape[1]))
+
+        want = [naive(D3.make_student(t_lm, [j for j in range(4) if j != i])) for i in range(4)] + [naive(t_lm)]
+    assert got.dtype == torch.float64 and got.shape == (5,)
+    assert got.tolist() == pytest.approx(want, rel=1e-5)
+    assert got[1].item() == pytest.approx(got[4].item(), rel=1e-6)  # layer 1 does nothing
+
+
 @pytest.mark.parametrize("choice", ["block", "influence"])
 def test_choose_layers_drops_the_layers_that_do_nothing(files, choice):
     """A 6-layer teacher whose layers 2 and 3 add nothing to the residual stream (their output
@@ -320,6 +343,43 @@ def test_choose_layers_drops_the_layers_that_do_nothing(files, choice):
     assert D3.choose_layers(t_lm, tok, given, C.Dist())[0] == [0, 2, 3]
     with pytest.raises(ValueError, match="layer_choice"):
         D3.check_config(C.parse_config(D3.Config, ["--layer_choice", "random"]))
+
+
+def test_choose_layers_ppl_ranks_layers_by_what_removing_them_costs(files):
+    """--layer_choice ppl: each layer's score is the mean NLL increase per reference token when it
+    alone is removed, checked against students built without it (make_student, float64 loop over
+    the calibration references); the n lowest-scoring layers (last excluded) are dropped; layers
+    2 and 3, which add nothing to the residual stream, cost exactly 0. (A random layer's removal
+    can also lower the NLL: the score is signed, not a distance.)"""
+    tok = M.load_model_and_tokenizer(files["teacher"], 0)[1]
+    t_lm = M.tiny_model(tok, seed=2, layers=6)
+    with torch.no_grad():
+        for i in (2, 3):
+            t_lm.model.layers[i].self_attn.o_proj.weight.zero_()
+            t_lm.model.layers[i].mlp.down_proj.weight.zero_()
+    cfg = C.parse_config(D3.Config, ["--student_layers", "3", "--layer_choice", "ppl", "--layer_calib", "2",
+                                     "--prompts", f"math={files['math']}", f"chat={files['chat']}"])
+    layers, how = D3.choose_layers(t_lm, tok, cfg, C.Dist())
+    score = how["layer_scores"]
+    assert len(score) == 6 and score[2:4] == pytest.approx([0.0, 0.0], abs=1e-5)
+    assert how["layers_dropped"] == sorted(sorted(range(5), key=lambda i: score[i])[:3])
+    assert layers == [i for i in range(6) if i not in how["layers_dropped"]]
+    tasks = D3.load_tasks(cfg.prompts, tok, 2, cfg.max_len, Counter(), "test")
+    seqs = [(D3.text_sample(tok, t, t["reference"])["input_ids"], len(t["prompt_ids"])) for t in tasks]
+
+    def nll(lm):
+        total = 0.0
+        with torch.no_grad():
+            for ids, n in seqs:
+                logp = lm(torch.tensor([ids])).logits[0].double().log_softmax(-1)
+                total += sum(-logp[t - 1, ids[t]].item() for t in range(n, len(ids)))
+        return total
+
+    n_tok = sum(len(ids) - n for ids, n in seqs)
+    assert how["calibration_tokens"] == n_tok
+    full = nll(t_lm)
+    want = [(nll(D3.make_student(t_lm, [j for j in range(6) if j != i])) - full) / n_tok for i in range(6)]
+    assert score == pytest.approx(want, abs=2e-5)
 
 
 def test_make_student_copies_the_chosen_layers(tok):
