@@ -46,19 +46,20 @@ STAGES = (  # (name, script, flag that takes the previous stage's final/)
 # questions; stage 2 keeps its agent eval, stage 3 its KL and speed. The rest fits the 20-minute
 # budget (README): stage 2 24 steps at lr 1e-4 (12 steps at 2e-4 kept 3 of stage 1's 9/40 math
 # and reached 34% agent success; 24 at 1e-4 kept 7/40, code 9/24, agent success 44%: measured);
-# stage 3 a 27-layer student, the block of 3 layers that turns the teacher's hidden states least
-# dropped (--layer_choice block), lr 1e-4 (24 layers evenly spaced at 3e-4 kept 1 of the teacher's
-# 7/40 math, 27 by block at 1e-4 kept 3; on the 100-question eval it keeps 2 of 16: measured,
-# README "Stage 3"), 18 steps, 40 prompts per source, DPO pairs from 20 of them; stage 4 6 GRPO
-# steps of 4 prompts x 8 samples (from that student 2 x 4 kept its 3/40 math, 4 x 8 ended at 1-5/40
-# in four runs: noise) with S2R's process rewards (each verification rewarded for a verdict that
-# matches its attempt: the only signal left when every answer of a group is wrong; 128 tokens so
-# the verification fits) and, before them, a Bradley-Terry reward model (20 steps) on the student
-# (RM_FLAGS), measured on held-out pairs.
+# stage 3 a 27-layer student, the 3 layers whose removal raises the teacher's NLL on training
+# references least dropped (--layer_choice ppl, 4 references per source), lr 1e-4, 18 steps, 40
+# prompts per source, DPO pairs from 20 of them (from one stage 2 output, 16/100 math: ppl dropped
+# layers 3, 5, 9 and kept 6/100; block dropped 13-15 and kept 2; 24 layers evenly spaced kept ~0:
+# measured, README "Stage 3"); stage 4 6 GRPO steps of 4 prompts x 8 samples, 128 new tokens, the
+# outcome reward only (from that student: outcome 6 -> 11/100; S2R's process rewards, --s2r_reward
+# both, 6 -> 5: they reward "Verification: incorrect" after the student's mostly wrong attempts,
+# and each such verdict starts another attempt, so responses loop to the cap), and, before them,
+# a Bradley-Terry reward model (20 steps) on the student (RM_FLAGS), measured on held-out pairs.
 STAGE_FLAGS = {1: ["--math_test", "", "--max_steps", "24", "--lr", "1e-4"],
-               2: ["--eval_limit", "0", "--code_eval_limit", "0", "--student_layers", "27", "--layer_choice", "block",
+               2: ["--eval_limit", "0", "--code_eval_limit", "0", "--student_layers", "27", "--layer_choice", "ppl",
+                   "--layer_calib", "4",
                    "--lr", "1e-4", "--max_steps", "18", "--prompt_limit", "40", "--pref_prompts", "20"],
-               3: ["--stages", "stem:data/math_train.jsonl:6", "--eval_kinds", "stem", "--s2r_reward", "both",
+               3: ["--stages", "stem:data/math_train.jsonl:6", "--eval_kinds", "stem", "--s2r_reward", "outcome",
                    "--max_new_tokens", "128", "--lr", "2e-5", "--prompts_per_step", "4", "--group_size", "8"]}
 RM_FLAGS = ["--mode", "train_reward_model", "--rm_steps", "20"]
 # The one held-out eval of every model (stage 1's eval, before the user's --eval flags): 100 of the
