@@ -51,8 +51,8 @@ STAGES = (  # (name, script, flag that takes the previous stage's final/)
 # prompts per source, DPO pairs from 20 of them (from one stage 2 output, 16/100 math: ppl dropped
 # layers 3, 5, 9 and kept 6/100; block dropped 13-15 and kept 2; 24 layers evenly spaced kept ~0:
 # measured, README "Stage 3"); stage 4 6 GRPO steps of 4 prompts x 8 samples, 128 new tokens, the
-# outcome reward only (from that student: outcome 6 -> 11/100; S2R's process rewards, --s2r_reward
-# both, 6 -> 5: they reward "Verification: incorrect" after the student's mostly wrong attempts,
+# outcome reward only (from that student: outcome 6 -> 11/100 and, in the pipeline's run, 6 -> 4:
+# noise; S2R's process rewards, --s2r_reward both, 6 -> 5 with every response at the cap: they reward "Verification: incorrect" after the student's mostly wrong attempts,
 # and each such verdict starts another attempt, so responses loop to the cap), and, before them,
 # a Bradley-Terry reward model (20 steps) on the student (RM_FLAGS), measured on held-out pairs.
 STAGE_FLAGS = {1: ["--math_test", "", "--max_steps", "24", "--lr", "1e-4"],
