@@ -319,17 +319,24 @@ def test_skip_layer_nll_against_students_built_without_each_layer(tok):
     assert got[1].item() == pytest.approx(got[4].item(), rel=1e-6)  # layer 1 does nothing
 
 
+def teacher_with_idle_layers(files, idle):
+    """(tokenizer, a random 6-layer tiny teacher whose layers `idle` add nothing to the residual
+    stream: their attention and MLP output projections are zero)."""
+    tok = M.load_model_and_tokenizer(files["teacher"], 0)[1]
+    t_lm = M.tiny_model(tok, seed=2, layers=6)
+    with torch.no_grad():
+        for i in idle:
+            t_lm.model.layers[i].self_attn.o_proj.weight.zero_()
+            t_lm.model.layers[i].mlp.down_proj.weight.zero_()
+    return tok, t_lm
+
+
 @pytest.mark.parametrize("choice", ["block", "influence"])
 def test_choose_layers_drops_the_layers_that_do_nothing(files, choice):
     """A 6-layer teacher whose layers 2 and 3 add nothing to the residual stream (their output
     projections zeroed): asked for 4 layers, both scores drop exactly those two; the student then
     computes the teacher's function. 'even' ignores the teacher; a list is taken as given."""
-    tok = M.load_model_and_tokenizer(files["teacher"], 0)[1]
-    t_lm = M.tiny_model(tok, seed=2, layers=6)
-    with torch.no_grad():
-        for i in (2, 3):
-            t_lm.model.layers[i].self_attn.o_proj.weight.zero_()
-            t_lm.model.layers[i].mlp.down_proj.weight.zero_()
+    tok, t_lm = teacher_with_idle_layers(files, (2, 3))
     cfg = C.parse_config(D3.Config, ["--student_layers", "4", "--layer_choice", choice, "--layer_calib", "3",
                                      "--prompts", f"math={files['math']}", f"chat={files['chat']}"])
     layers, how = D3.choose_layers(t_lm, tok, cfg, C.Dist())
@@ -351,12 +358,7 @@ def test_choose_layers_ppl_ranks_layers_by_what_removing_them_costs(files):
     the calibration references); the n lowest-scoring layers (last excluded) are dropped; layers
     2 and 3, which add nothing to the residual stream, cost exactly 0. (A random layer's removal
     can also lower the NLL: the score is signed, not a distance.)"""
-    tok = M.load_model_and_tokenizer(files["teacher"], 0)[1]
-    t_lm = M.tiny_model(tok, seed=2, layers=6)
-    with torch.no_grad():
-        for i in (2, 3):
-            t_lm.model.layers[i].self_attn.o_proj.weight.zero_()
-            t_lm.model.layers[i].mlp.down_proj.weight.zero_()
+    tok, t_lm = teacher_with_idle_layers(files, (2, 3))
     cfg = C.parse_config(D3.Config, ["--student_layers", "3", "--layer_choice", "ppl", "--layer_calib", "2",
                                      "--prompts", f"math={files['math']}", f"chat={files['chat']}"])
     layers, how = D3.choose_layers(t_lm, tok, cfg, C.Dist())
