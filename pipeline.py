@@ -15,7 +15,7 @@ out_dir/timings.json (a resumed stage adds the time of each attempt).
 
 Stage by stage: 01_cold_start_sft.py (from the embedded model or --model), 02_overall_sft.py
 --model <stage 1>/final (its reasoning data: stage 1's S2R trajectories, `--reasoning s2r`),
-03_distill.py --teacher <stage 2>/final (student: a 27-layer copy, see STAGE_FLAGS),
+03_distill.py --teacher <stage 2>/final (student: a 29-layer copy, see STAGE_FLAGS),
 04_rl.py --mode train_reward_model (a reward model on the student) then 04_rl.py --model
 <stage 3>/final. Nothing clever: it builds five command lines and runs them.
 """
@@ -46,19 +46,20 @@ STAGES = (  # (name, script, flag that takes the previous stage's final/)
 # questions; stage 2 keeps its agent eval, stage 3 its KL and speed. The rest fits the 20-minute
 # budget (README): stage 2 24 steps at lr 1e-4 (12 steps at 2e-4 kept 3 of stage 1's 9/40 math
 # and reached 34% agent success; 24 at 1e-4 kept 7/40, code 9/24, agent success 44%: measured);
-# stage 3 a 27-layer student, the 3 layers whose removal raises the teacher's NLL on training
-# references least dropped (--layer_choice ppl, 4 references per source), lr 1e-4, 18 steps, 40
-# prompts per source, DPO pairs from 20 of them (from one stage 2 output, 16/100 math: ppl dropped
-# layers 3, 5, 9 and kept 6/100; block dropped 13-15 and kept 2; 24 layers evenly spaced kept ~0:
-# measured, README "Stage 3"); stage 4 6 GRPO steps of 4 prompts x 8 samples, 128 new tokens, the
+# stage 3 a 29-layer student, the one layer whose input and output hidden states are closest in
+# angle dropped (--layer_choice block: layer 3), lr 2e-5, 18 steps, 40 prompts per source, DPO
+# pairs from 20 of them (from one stage 2 output, 16/100 math, 9/24 code: at lr 2e-5 this student
+# keeps 16/100 and 9/24, at 1e-4 13/100 and 5/24; 27 layers kept 6/100 (ppl) and 2/100 (block), 28
+# kept 3/100, 24 evenly spaced ~0: the math of this 135M model lives in its middle layers, README
+# "Stage 3"); stage 4 6 GRPO steps of 4 prompts x 8 samples, 128 new tokens, the
 # outcome reward only (from that student: outcome 6 -> 11/100 and, in the pipeline's run, 6 -> 4:
 # noise; S2R's process rewards, --s2r_reward both, 6 -> 5 with every response at the cap: they reward "Verification: incorrect" after the student's mostly wrong attempts,
 # and each such verdict starts another attempt, so responses loop to the cap), and, before them,
 # a Bradley-Terry reward model (20 steps) on the student (RM_FLAGS), measured on held-out pairs.
 STAGE_FLAGS = {1: ["--math_test", "", "--max_steps", "24", "--lr", "1e-4"],
-               2: ["--eval_limit", "0", "--code_eval_limit", "0", "--student_layers", "27", "--layer_choice", "ppl",
+               2: ["--eval_limit", "0", "--code_eval_limit", "0", "--student_layers", "29", "--layer_choice", "block",
                    "--layer_calib", "4",
-                   "--lr", "1e-4", "--max_steps", "18", "--prompt_limit", "40", "--pref_prompts", "20"],
+                   "--lr", "2e-5", "--max_steps", "18", "--prompt_limit", "40", "--pref_prompts", "20"],
                3: ["--stages", "stem:data/math_train.jsonl:6", "--eval_kinds", "stem", "--s2r_reward", "outcome",
                    "--max_new_tokens", "128", "--lr", "2e-5", "--prompts_per_step", "4", "--group_size", "8"]}
 RM_FLAGS = ["--mode", "train_reward_model", "--rm_steps", "20"]
@@ -287,9 +288,12 @@ def stage_rows(out: Path) -> list[tuple[str, str, object, object]]:
             rows.append(("2 overall SFT", k, s2["start"].get(k), s2["end"].get(k)))
     s3 = read_json(out / "3_distill" / "eval_summary.json")
     if s3:
-        for k in ("heldout_kl", "math_acc", "math_with_verification", "code_acc", "gen_tok_per_s"):
+        for k in ("heldout_kl", "math_acc", "math_with_verification", "code_acc"):
             rows.append(("3 distill (student)", k, s3["start"].get(k), s3["end"].get(k)))
         rows.append(("3 distill", "teacher math_acc", s3.get("teacher_eval", {}).get("math_acc"), None))
+        sp = s3.get("speed", {})
+        rows.append(("3 distill", "decoding tok/s, teacher -> student (alternated)", sp.get("teacher_tok_per_s"),
+                     sp.get("student_tok_per_s")))
         rows.append(("3 distill", "student speed-up vs teacher", None, s3.get("speedup_vs_teacher")))
     rm = read_json(rm_eval_file(out))
     if rm:

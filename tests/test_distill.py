@@ -253,6 +253,32 @@ def test_teacher_forward_never_builds_a_graph(tok):
     assert all(not p.requires_grad for p in teacher.parameters()) and not teacher.training
 
 
+def test_paired_speed_alternates_student_and_teacher(tok, monkeypatch):
+    """The speed-up is measured S T S T ... (drift of the machine hits both), each model's rate the
+    median of its calls: fake clocks make every student call take 1 s and the teacher's 2, 3, 4 s,
+    so the medians are 1 and 3 and the speed-up 3; a warm-up call of each is not timed."""
+    student, teacher = M.tiny_model(tok, seed=0), D3.TeacherModel(D3.frozen(M.tiny_model(tok, seed=1), torch.float32))
+    calls, clock = [], {"t": 0.0}
+    cost = {"student": iter([1.0, 1.0, 1.0]), "teacher": iter([2.0, 4.0, 3.0])}
+
+    def fake_generate(m, prompts, n, *a, **k):
+        who = "student" if m is student else "teacher"
+        calls.append((who, n))
+        if n == 7:  # a timed call (warm-ups ask for 2 tokens)
+            clock["t"] += next(cost[who])
+
+    monkeypatch.setattr(D3.S, "generate", fake_generate)
+    monkeypatch.setattr(D3.time, "perf_counter", lambda: clock["t"])
+    cfg = D3.Config(speed_tokens=7, speed_repeats=3)
+    d = C.init_distributed("cpu")
+    got = D3.paired_speed(student, teacher, [[5, 6]] * 4, cfg, d, torch.float32)
+    assert [w for w, n in calls if n == 7] == ["student", "teacher"] * 3
+    assert sorted(w for w, n in calls if n == 2) == ["student", "teacher"]
+    assert got["student_tok_per_s"] == pytest.approx(4 * 7 / 1.0) and got["teacher_tok_per_s"] == pytest.approx(4 * 7 / 3.0)
+    assert got["speedup"] == pytest.approx(3.0)
+    assert D3.paired_speed(student, teacher, [], cfg, d, torch.float32) == {}
+
+
 # ----------------------------------------------------------------------------------------------
 # Building the student, checking compatibility
 
