@@ -51,17 +51,21 @@ STAGES = (  # (name, script, flag that takes the previous stage's final/)
 # pairs from 20 of them (from one stage 2 output, 16/100 math, 9/24 code: at lr 2e-5 this student
 # keeps 16/100 and 9/24, at 1e-4 13/100 and 5/24; 27 layers kept 6/100 (ppl) and 2/100 (block), 28
 # kept 3/100, 24 evenly spaced ~0: the math of this 135M model lives in its middle layers, README
-# "Stage 3"); stage 4 6 GRPO steps of 4 prompts x 8 samples, 128 new tokens, the
-# outcome reward only (from that student: outcome 6 -> 11/100 and, in the pipeline's run, 6 -> 4:
-# noise; S2R's process rewards, --s2r_reward both, 6 -> 5 with every response at the cap: they reward "Verification: incorrect" after the student's mostly wrong attempts,
-# and each such verdict starts another attempt, so responses loop to the cap), and, before them,
-# a Bradley-Terry reward model (20 steps) on the student (RM_FLAGS), measured on held-out pairs.
+# "Stage 3"); stage 4 6 GRPO steps of 4 prompts x 8 samples, 128 new tokens, lr 2e-5, the outcome
+# reward only, truncated responses masked out of the loss (--overlong masked), and, before them, a
+# Bradley-Terry reward model (20 steps) on the student (RM_FLAGS), measured on held-out pairs.
+# Every RL variant measured from that student (16/100) lost math, the masked one least (13/100;
+# 11/100 without it, with easier prompts or without the answer instruction; 5/100 at lr 4e-5): a
+# wrong answer's negative advantage falls on its closing "Verification: correct", so the policy
+# learns to answer "incorrect" and try again, and responses grow to the cap in 2-4 steps (at 192
+# tokens too). Masking the truncated rows keeps the loop out of the loss (README "Stage 4").
 STAGE_FLAGS = {1: ["--math_test", "", "--max_steps", "24", "--lr", "1e-4"],
                2: ["--eval_limit", "0", "--code_eval_limit", "0", "--student_layers", "29", "--layer_choice", "block",
                    "--layer_calib", "4",
                    "--lr", "2e-5", "--max_steps", "18", "--prompt_limit", "40", "--pref_prompts", "20"],
                3: ["--stages", "stem:data/math_train.jsonl:6", "--eval_kinds", "stem", "--s2r_reward", "outcome",
-                   "--max_new_tokens", "128", "--lr", "2e-5", "--prompts_per_step", "4", "--group_size", "8"]}
+                   "--max_new_tokens", "128", "--lr", "2e-5", "--prompts_per_step", "4", "--group_size", "8",
+                   "--overlong", "masked"]}
 RM_FLAGS = ["--mode", "train_reward_model", "--rm_steps", "20"]
 # The one held-out eval of every model (stage 1's eval, before the user's --eval flags): 100 of the
 # 150 math test questions and all 80 of the transfer split, not stage 1's default 40 / 40: at 40 a
