@@ -55,10 +55,11 @@ STAGES = (  # (name, script, flag that takes the previous stage's final/)
 # reward only, truncated responses masked out of the loss (--overlong masked), and, before them, a
 # Bradley-Terry reward model (20 steps) on the student (RM_FLAGS), measured on held-out pairs.
 # Every RL variant measured from that student (16/100) lost math, the masked one least (13/100;
-# 11/100 without it, with easier prompts or without the answer instruction; 5/100 at lr 4e-5): a
-# wrong answer's negative advantage falls on its closing "Verification: correct", so the policy
-# learns to answer "incorrect" and try again, and responses grow to the cap in 2-4 steps (at 192
-# tokens too). Masking the truncated rows keeps the loop out of the loss (README "Stage 4").
+# 10-11/100 without it, with easier prompts, without the answer instruction or at 192 tokens;
+# 5/100 at lr 4e-5): a wrong answer's negative advantage also falls on its closing "Verification:
+# correct", the policy learns to answer "incorrect" and try again, and responses grow to the cap in
+# 2-4 steps (at 192 tokens too). Masking the truncated rows keeps the loop out of the loss
+# (README "Stage 4").
 STAGE_FLAGS = {1: ["--math_test", "", "--max_steps", "24", "--lr", "1e-4"],
                2: ["--eval_limit", "0", "--code_eval_limit", "0", "--student_layers", "29", "--layer_choice", "block",
                    "--layer_calib", "4",
