@@ -1202,6 +1202,24 @@ def rl_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask:
     return loss, stats
 
 
+def rows_to_run(rows: list[int], mask: torch.Tensor, adv: torch.Tensor, pg_only: bool, micro_batch_size: int,
+                d: C.Dist) -> list[int]:
+    """The rows of a minibatch the update runs forward and backward: first those that can move the
+    policy, then, only to give every rank the same number of micro-batches (FSDP2's collectives
+    must match), as many of the others as that takes. A row moves nothing when none of its
+    tokens is trained (mask all 0: a truncated response under --overlong masked), or, when the
+    loss is the policy-gradient term alone (pg_only: GRPO without a reference KL), when its
+    advantage is 0 everywhere (a group whose rewards are all equal). Skipping them is exact: the
+    normaliser counts every row of the minibatch before this, and their gradient is exactly 0.
+    In the pipeline's stage 4 (--overlong masked) 25-97% of a step's rows were truncated, and half
+    its groups can have equal rewards: each such row used to cost a full forward and backward.
+    mask, adv: [n, T]; returns row indices, live ones first."""
+    live = [i for i in rows if mask[i].any() and (not pg_only or bool(adv[i].any()))]
+    dead = sorted(set(rows) - set(live))
+    n_mb = max(C.gather_objects([-(-len(live) // micro_batch_size)], d))
+    return (live + dead)[:n_mb * micro_batch_size]
+
+
 def update(policy, critic, opt, critic_opt, ro: Rollout, b: dict, cfg: Config, tok, d: C.Dist, dtype,
            lr: float, gstep: int) -> dict:
     """Step 3: --ppo_epochs passes over --num_minibatches minibatches, one optimizer step each.
@@ -1221,6 +1239,7 @@ def update(policy, critic, opt, critic_opt, ro: Rollout, b: dict, cfg: Config, t
             rows = list(range(k, n, cfg.num_minibatches))
             norms = C.all_reduce_dict({"n_global": normaliser_count(mask[rows], cfg.loss_agg),
                                        "n_tok": mask[rows].sum()}, d)
+            rows = rows_to_run(rows, mask, b["adv"], cfg.algo == "grpo" and not b["use_ref"], cfg.micro_batch_size, d)
             loss_step = 0.0
             for j in range(0, len(rows), cfg.micro_batch_size):
                 mb = rows[j:j + cfg.micro_batch_size]

@@ -148,12 +148,19 @@ def main(argv=None):
         all_gens = [None] * d.world_size
         torch.distributed.all_gather_object(all_gens, gens)
         assert all(g == gens for g in all_gens), all_gens
+    # stage 4's update skips rows without gradient (04_rl.rows_to_run): ranks with 3 and 0 such rows
+    # must still run the same number of micro-batches, or FSDP2's collectives would hang
+    from stage_scripts import load_script
+    rl = load_script("04_rl.py", "rl04_worker")
+    mask = (torch.arange(6)[:, None] < (3 if d.rank == 0 else 0)).float().expand(6, 4)
+    rows_run = C.gather_objects([len(rl.rows_to_run(list(range(6)), mask, mask, True, MICRO_BATCH, d))], d)
     if d.is_main:
         torch.save(trained, out / "weights.pt")
         (out / "result.json").write_text(json.dumps({
             "world_size": d.world_size, "losses": losses, "gnorms": gnorms, "generations": gens,
             "finished": gen.finished.tolist(), "resume_max_abs_diff": resume_diff,
-            "gathers_per_forward": gathers_per_forward, "gathers_in_generate": gathers_in_generate}))
+            "gathers_per_forward": gathers_per_forward, "gathers_in_generate": gathers_in_generate,
+            "rows_run": rows_run}))
     C.cleanup_distributed(d)
 
 

@@ -67,6 +67,7 @@ def test_save_reload_resume_and_generation(runs):
         assert r["resume_max_abs_diff"] == 0.0  # resumed step == continued step, exactly
         assert [len(g) for g in r["generations"]] == [8, 8, 8] or any(r["finished"])
     assert r1["generations"] == r2["generations"]  # greedy, the same weights
+    assert r1["rows_run"] == [4] and r2["rows_run"] == [4, 4]  # 3 live rows -> 2 micro-batches on every rank
     # gathered_for_generation: no parameter all-gather at any decode step (PITFALLS #12)
     if r2["gathers_in_generate"] >= 0:
         assert r2["gathers_per_forward"] > 0 and r2["gathers_in_generate"] == 0

@@ -162,6 +162,49 @@ def test_dynamic_sampling_refills_zero_variance_groups(tmp_path):
     assert (r.max(1).values > r.min(1).values).all()  # kept groups all carry a learning signal
 
 
+@pytest.mark.parametrize("kl_coef", [0.0, 0.1])
+def test_update_skips_rows_without_gradient_exactly(kl_coef):
+    """rows_to_run leaves out of the update the rows that cannot move the policy (truncated ones under
+    --overlong masked; with no reference KL also the zero-advantage rows of an equal-reward group):
+    the gradient of the step equals that of an update over every row (fp32), and fewer rows ran."""
+    import copy
+    torch.manual_seed(0)
+    lm, tok = M.load_model_and_tokenizer("tiny")
+    policy = rl.ActorCritic(lm)
+    ref = copy.deepcopy(policy).eval() if kl_coef else None
+    items = [{"prompt_ids": p, "row": {"k": i}} for i, p in enumerate(_prompts(tok, 3))]
+
+    def reward_fn(its, texts, ids):  # prompt 0: all rewards equal (zero advantages)
+        return [0.0 if it["row"]["k"] == 0 else float(len(x) + x[0] % 3) for it, x in zip(its, ids)], \
+            ["ok"] * len(ids), [{}] * len(ids)
+
+    cfg = _direct_cfg(prompts_per_step=3, max_new_tokens=5, micro_batch_size=2, overlong="masked", kl_coef=kl_coef)
+    d = C.Dist()
+    ro = rl.rollout(policy, items, reward_fn, cfg, tok, d, torch.float32, 1, 0)
+    ro.finished[:] = torch.arange(len(ro.texts)) % 3 != 1  # a third of the rows truncated (masked out)
+    b = rl.score(ro, policy, ref, None, cfg, "toy", tok, d, torch.float32, {"mean": 0.0, "var": 1.0, "count": 0})
+    n = len(ro.texts)
+    live = [i for i in range(n) if b["mask"][i].any() and (kl_coef > 0 or b["adv"][i].any())]
+    ran = rl.rows_to_run(list(range(n)), b["mask"], b["adv"], kl_coef == 0, 2, d)
+    assert ran[:len(live)] == live and len(ran) == 2 * -(-len(live) // 2) < n  # padded to whole micro-batches
+    assert len(live) < (n - 4 if kl_coef == 0 else n)  # the equal-reward group is out without a KL term
+    weights = []
+    for skip in (True, False):
+        p = copy.deepcopy(policy)
+        opt = torch.optim.SGD(p.parameters(), lr=1.0)  # weights - clipped gradient: compares the gradients
+        orig = rl.rows_to_run
+        try:
+            if not skip:
+                rl.rows_to_run = lambda rows, *a: rows
+            rl.update(p, None, opt, None, ro, b, cfg, tok, d, torch.float32, 1.0, 0)
+        finally:
+            rl.rows_to_run = orig
+        weights.append(torch.cat([x.detach().flatten() for x in p.parameters()]))
+    start = torch.cat([x.detach().flatten() for x in policy.parameters()])
+    assert (weights[1] - start).abs().max() > 1e-4  # the step moved the weights
+    torch.testing.assert_close(weights[0], weights[1], atol=1e-6, rtol=0)
+
+
 def test_s2r_process_advantages_in_the_loop(tmp_path):
     def reward_fn(items, texts, ids):  # pretend every response is attempt + verification
         infos = [{"steps": [{"kind": "attempt", "start": 0, "end": 1, "reward": float(x[0] % 2)},
