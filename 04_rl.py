@@ -165,6 +165,8 @@ class Config:
     unsafe_code_exec: bool = C.arg(False, "run model-written code WITHOUT the bubblewrap sandbox (warned); only "
                                           "for machines where bwrap cannot run and that you can throw away")
     s2r_reward: str = C.arg("outcome", "stem rewards for self-verification responses: outcome | process | both")
+    s2r_train: str = C.arg("all", "which steps of a self-verification response get a policy gradient: all | "
+                                  "attempts (the verifications, verdicts included, keep what SFT taught)")
     math_instruction: str = C.arg(" Finish with 'The answer is X.'", "appended to every math question")
     max_difficulty: int = C.arg(-1, "train only on prompts whose 'difficulty' field is <= this (-1 = all; "
                                     "held-out evals are never filtered)")
@@ -228,7 +230,7 @@ def validate(cfg: Config, d: C.Dist) -> None:
     choices = {"algo": ("grpo", "ppo"), "loss_agg": ("token_mean", "seq_mean_token_mean", "seq_sum_norm"),
                "overlong": ("masked", "penalty", "none"), "kl_estimator": ("k1", "k2", "k3"),
                "kl_in": ("loss", "reward"), "critic": ("head", "separate"),
-               "s2r_reward": ("outcome", "process", "both"), "rm_norm": ("running", "batch", "none"),
+               "s2r_reward": ("outcome", "process", "both"), "s2r_train": ("all", "attempts"), "rm_norm": ("running", "batch", "none"),
                "mode": ("rl", "train_reward_model")}
     for k, allowed in choices.items():
         if getattr(cfg, k) not in allowed:
@@ -686,6 +688,18 @@ def process_advantages(step_rewards: list[list[float]], outcome: torch.Tensor, g
     return result
 
 
+def attempts_only(step_adv: list[list[float]], steps: list[list[dict]]) -> list[list[float]]:
+    """Step advantages with every verification step's set to 0 (--s2r_train attempts): the policy
+    gradient then reaches only the attempts, and the verifications (their verdicts, and the EOS
+    after the last one, which `token_step_index` puts in the last step) keep what SFT taught them.
+    Why: on a policy whose answers are mostly wrong, any reward that reaches the verdict tokens
+    moves the verifier to a constant: the outcome reward's negative advantages fall on the
+    "Verification: correct" closing each wrong answer (-> "incorrect" and retry until the length
+    cap), a length penalty on the retries (-> "correct" at once), measured in README "Stage 4".
+    step_adv, steps: per sample, as `process_advantages` returns them and `s2r_steps` lists them."""
+    return [[0.0 if st[k]["kind"] == "verify" else a for k, a in enumerate(adv)] for adv, st in zip(step_adv, steps)]
+
+
 def token_step_index(char_offsets: list[int], steps: list[dict]) -> list[int]:
     """Map each response token (by the character offset where it starts) to the index of the
     step containing it; tokens after the last step (e.g. the EOS) go to the last step; -1 if no steps."""
@@ -1100,11 +1114,14 @@ def forward_old(policy, ref, critic, ro: Rollout, cfg: Config, tok, d: C.Dist, d
 
 def s2r_token_advantages(ro: Rollout, seq_reward: torch.Tensor, tok, cfg: Config) -> torch.Tensor:
     """[n, T] GRPO advantages of S2R responses: every token gets the advantage of the step
-    (attempt / verification) it lies in (process_advantages); other responses the outcome one."""
+    (attempt / verification) it lies in (process_advantages); other responses the outcome one.
+    --s2r_train attempts: the verification steps get 0 (`attempts_only`)."""
     n, T = ro.tokens.shape
     steps = [x.get("steps", []) for x in ro.infos]
     padv = process_advantages([[s["reward"] for s in st] for st in steps], seq_reward, ro.G, cfg.s2r_reward,
                               cfg.std_norm)
+    if cfg.s2r_train == "attempts":
+        padv = attempts_only(padv, steps)
     out_adv, _ = group_advantages(seq_reward, ro.G, cfg.std_norm)
     adv = torch.zeros(n, T)
     for i in range(n):
@@ -1145,7 +1162,7 @@ def score(ro: Rollout, policy, ref, critic, cfg: Config, kind: str, tok, d: C.Di
                       cfg.overlong_max_len, cfg.overlong_cache, cfg.kl_coef, cfg.kl_in)
     b["total"] = r["total"]
     if cfg.algo == "grpo":
-        if kind == "stem" and cfg.s2r_reward != "outcome" and any("steps" in x for x in ro.infos):
+        if kind == "stem" and (cfg.s2r_reward != "outcome" or cfg.s2r_train != "all") and any("steps" in x for x in ro.infos):
             adv = s2r_token_advantages(ro, r["seq"], tok, cfg)
         else:
             adv = group_advantages(r["seq"], ro.G, cfg.std_norm)[0].float()[:, None].expand(n, T).clone()

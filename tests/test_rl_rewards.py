@@ -97,6 +97,14 @@ def test_process_advantages_hand_values():
         rl.process_advantages(step_rewards, outcome, 2, "steps")
 
 
+def test_attempts_only_zeroes_the_verification_steps():
+    kinds = [["attempt", "verify", "attempt", "verify"], ["attempt"]]
+    steps = [[{"kind": k} for k in ks] for ks in kinds]
+    adv = [[0.5, 1.0, 0.5, 0.5], [-0.5]]
+    assert rl.attempts_only(adv, steps) == [[0.5, 0.0, 0.5, 0.0], [-0.5]]
+    assert adv == [[0.5, 1.0, 0.5, 0.5], [-0.5]]  # pure: the input is not changed
+
+
 def test_token_step_index():
     steps = [{"end": 8}, {"end": 15}]
     assert rl.token_step_index([0, 5, 10, 20], steps) == [0, 0, 1, 1]

@@ -219,6 +219,35 @@ def test_s2r_process_advantages_in_the_loop(tmp_path):
     assert h["verify_per_resp"] == 1.0 and h["verify_reward_mean"] == pytest.approx(sum(last) / len(last))
 
 
+def test_s2r_train_attempts_leaves_verification_tokens_out_of_the_policy_gradient():
+    """--s2r_train attempts with the outcome reward: the tokens of the attempt step carry the
+    group advantage, those of the verification step (and the EOS after it) 0."""
+    lm, tok = M.load_model_and_tokenizer("tiny")
+    torch.manual_seed(0)
+    policy = rl.ActorCritic(lm)
+    items = [{"prompt_ids": p, "row": {"k": i}} for i, p in enumerate(_prompts(tok, 2))]
+    cut = 3  # characters: the attempt step ends here, the verification runs to the end
+
+    def reward_fn(its, texts, ids):
+        infos = [{"steps": [{"kind": "attempt", "start": 0, "end": cut, "reward": float(x[0] % 2)},
+                            {"kind": "verify", "start": cut, "end": 10 ** 6, "reward": 1.0}]} for x in ids]
+        return [float(x[0] % 2) + 0.1 * len(x) for x in ids], ["ok"] * len(ids), infos
+
+    cfg = _direct_cfg(prompts_per_step=2, max_new_tokens=8, s2r_train="attempts")
+    d = C.Dist()
+    ro = rl.rollout(policy, items, reward_fn, cfg, tok, d, torch.float32, 1, 0)
+    b = rl.score(ro, policy, None, None, cfg, "stem", tok, d, torch.float32, {"mean": 0.0, "var": 1.0, "count": 0})
+    group = rl.group_advantages(b["total"], cfg.group_size, cfg.std_norm)[0]
+    checked = 0
+    for i in range(len(ro.texts)):
+        offs = rl.char_offsets(tok, ro.tokens[i, :int(ro.lengths[i])].tolist())
+        for t, off in enumerate(offs):
+            want = float(group[i]) if off < cut else 0.0
+            assert b["adv"][i, t].item() == pytest.approx(want, abs=1e-6), (i, t)
+            checked += want != 0
+    assert checked > 0 and (b["adv"] == 0).any()  # both kinds of token were there
+
+
 # ---------------------------------------------------------------------------- learning
 
 def _learn(tmp_path, algo, steps, extra=()):
