@@ -56,8 +56,8 @@ STAGES = (  # (name, script, flag that takes the previous stage's final/)
 # the eval asks them (no answer instruction), and the policy gradient on the attempts only
 # (--s2r_train attempts: the verifications keep what SFT taught), and, before them, a
 # Bradley-Terry reward model (20 steps) on the student (RM_FLAGS), measured on held-out pairs.
-# From that student (16/100) these flags gave 18/100 (first attempt 13 -> 15) and kept its verdicts
-# (balanced accuracy 0.67 -> 0.66). Every variant that let the reward reach the verdicts lost math
+# From that student (16/100, first attempt 13) these flags gave 18, 15 and 16/100 with seeds 0-2
+# (first attempt 15, 15, 14) and kept its verdicts (balanced accuracy 0.67 -> 0.61-0.66). Every variant that let the reward reach the verdicts lost math
 # (5-13/100): most answers are wrong, so the verifier collapses to a constant, "incorrect" (retry
 # until the cap) or, under a length penalty, "correct"; at lr 2e-5 the attempts-only run kept 14
 # (README "Stage 4").
