@@ -12,7 +12,8 @@ bench/compare.py: this project against Hugging Face TRL on the same work, side b
    (two runs with the same digest did the same work).
 3. SFT: 20 optimizer steps of 8 samples through `common.sft_step` vs TRL's SFTTrainer. GRPO: N steps
    of 8 prompts x 4 samples x 64 new tokens, the math reward, through the real `04_rl.py` vs TRL's
-   GRPOTrainer with the same reward function. Token-level distillation: 12 steps of 8 chats,
+   GRPOTrainer with the same reward function (and `grpo_every_row`: ours with the update's skipping
+   of zero-gradient rows off, since on this work every reward is 0). Token-level distillation: 12 steps of 8 chats,
    generalised JSD (beta 0.5), off-policy, a teacher ~6x the student, through 03_distill's
    `train_step` vs TRL's GKDTrainer (lmbda 0). DPO: 12 steps of 8 pairs (beta 0.1, reference
    log-probs precomputed on both sides) through `train_step` vs TRL's DPOTrainer. Each run is its own process (peak RSS is its own),
@@ -192,10 +193,12 @@ def run_trl_sft(work: Path) -> dict:
             "threads": torch.get_num_threads()}
 
 
-def run_ours_grpo(work: Path, steps: int) -> dict:
+def run_ours_grpo(work: Path, steps: int, every_row: bool = False) -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
     from stage_scripts import load_script
     rl = load_script("04_rl.py", "rl04_bench")
+    if every_row:  # see run_ours_grpo_every_row
+        rl.rows_to_run = lambda rows, *args: rows
     with tempfile.TemporaryDirectory() as out:
         rl.main(["--model", str(work / "model"), "--out_dir", out, "--resume", "false",
                  "--stages", f"stem:{work / 'prompts.jsonl'}:{steps}", "--prompts_per_step", str(GRPO_PROMPTS),
@@ -207,6 +210,15 @@ def run_ours_grpo(work: Path, steps: int) -> dict:
     med = lambda k: statistics.median(r[k] for r in rows)  # noqa: E731
     return {"step_s": med("step_s"), "rollout_s": med("gen_s"), "reward_s": med("reward_s"),
             "train_s": med("score_s") + med("update_s"), "gen_tok_s": med("gen_tok_per_s"), "rss_mib": peak_rss_mib()}
+
+
+def run_ours_grpo_every_row(work: Path, steps: int) -> dict:
+    """run_ours_grpo with 04_rl.rows_to_run switched off: every row through the forward and backward.
+    Why: on this work every reward is 0 (the random 5M model never answers a math question), so
+    every group has advantage 0 and the stage's update skips every row (exact: their gradient is 0),
+    while TRL runs its forward and backward on them. The skip is a real saving (in the pipeline's
+    stage 4, 25-100% of the groups had equal rewards), but this run is the like-for-like training path."""
+    return run_ours_grpo(work, steps, every_row=True)
 
 
 def run_trl_grpo(work: Path, steps: int) -> dict:
@@ -436,10 +448,12 @@ def main():
     ap.add_argument("--work", default="", help="work directory (default: a fresh temp dir)")
     ap.add_argument("--run", default="", help=argparse.SUPPRESS)
     ap.add_argument("--skip_tables", action="store_true")
-    ap.add_argument("--tasks", default="sft,grpo,gkd,dpo", help="comma-separated subset of sft,grpo,gkd,dpo")
+    ap.add_argument("--tasks", default="sft,grpo,grpo_every_row,gkd,dpo",
+                    help="comma-separated subset of sft,grpo,grpo_every_row,gkd,dpo")
     args = ap.parse_args()
     if args.run:
         runs = {"ours_sft": run_ours_sft, "trl_sft": run_trl_sft, "ours_grpo": run_ours_grpo, "trl_grpo": run_trl_grpo,
+                "ours_grpo_every_row": run_ours_grpo_every_row, "trl_grpo_every_row": run_trl_grpo,
                 "ours_gkd": run_ours_gkd, "trl_gkd": run_trl_gkd, "ours_dpo": run_ours_dpo, "trl_dpo": run_trl_dpo}
         fn = runs[args.run]
         print(json.dumps(fn(Path(args.work), args.grpo_steps) if "grpo" in args.run else fn(Path(args.work))))
@@ -453,14 +467,14 @@ def main():
     have_trl = importlib.util.find_spec("trl") is not None
     if not have_trl:
         print("TRL is not installed in this interpreter: ours only (BENCHMARKS.md: the bench venv)")
-    for task in [t for t in ("sft", "grpo", "gkd", "dpo") if t in args.tasks]:
+    for task in [t for t in ("sft", "grpo", "grpo_every_row", "gkd", "dpo") if t in args.tasks.split(",")]:
         res = {"ours": [], "trl": []}
         for _ in range(args.rounds):  # A B A B
             res["ours"].append(child(f"ours_{task}", work, args.grpo_steps, sys.executable))
             if have_trl:
                 res["trl"].append(child(f"trl_{task}", work, args.grpo_steps, sys.executable))
         keys = {"sft": ["step_s", "tok_s", "rss_mib"], "gkd": ["step_s", "tok_s", "rss_mib"], "dpo": ["step_s", "rss_mib"],
-                "grpo": ["step_s", "rollout_s", "reward_s", "train_s", "gen_tok_s", "rss_mib"]}[task]
+                "grpo": ["step_s", "rollout_s", "reward_s", "train_s", "gen_tok_s", "rss_mib"]}[task.removesuffix("_every_row")]
         print(f"\n{task.upper()}, median (min-max) of {args.rounds} alternated runs")
         print(f"  {'':6}" + "".join(f"{k:>22}" for k in keys))
         for who in ("ours", "trl") if have_trl else ("ours",):

@@ -326,8 +326,8 @@ def test_compare_bench_builds_the_same_work_and_runs_our_side(tmp_path):
     import compare
     assert compare.build_work(tmp_path / "a") == compare.build_work(tmp_path / "b")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    for run in (["--run", "ours_sft"], ["--run", "ours_grpo", "--grpo_steps", "2"], ["--run", "ours_gkd"],
-                ["--run", "ours_dpo"]):
+    for run in (["--run", "ours_sft"], ["--run", "ours_grpo", "--grpo_steps", "2"],
+                ["--run", "ours_grpo_every_row", "--grpo_steps", "2"], ["--run", "ours_gkd"], ["--run", "ours_dpo"]):
         res = subprocess.run([sys.executable, str(ROOT / "bench" / "compare.py"), *run, "--work", str(tmp_path / "a")],
                              cwd=tmp_path, env=env, capture_output=True, text=True)
         assert res.returncode == 0, res.stderr[-3000:]
