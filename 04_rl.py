@@ -1228,8 +1228,8 @@ def rows_to_run(rows: list[int], mask: torch.Tensor, adv: torch.Tensor, pg_only:
     loss is the policy-gradient term alone (pg_only: GRPO without a reference KL), when its
     advantage is 0 everywhere (a group whose rewards are all equal). Skipping them is exact: the
     normaliser counts every row of the minibatch before this, and their gradient is exactly 0.
-    In the pipeline's stage 4 (--overlong masked) 25-97% of a step's rows were truncated, and half
-    its groups can have equal rewards: each such row used to cost a full forward and backward.
+    In the pipeline's stage 4 (--overlong masked) 28-97% of a step's rows were truncated, and 25-100% of
+    its groups had equal rewards: each such row used to cost a full forward and backward.
     mask, adv: [n, T]; returns row indices, live ones first."""
     live = [i for i in rows if mask[i].any() and (not pg_only or bool(adv[i].any()))]
     dead = sorted(set(rows) - set(live))
