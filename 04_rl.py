@@ -230,7 +230,8 @@ def validate(cfg: Config, d: C.Dist) -> None:
     choices = {"algo": ("grpo", "ppo"), "loss_agg": ("token_mean", "seq_mean_token_mean", "seq_sum_norm"),
                "overlong": ("masked", "penalty", "none"), "kl_estimator": ("k1", "k2", "k3"),
                "kl_in": ("loss", "reward"), "critic": ("head", "separate"),
-               "s2r_reward": ("outcome", "process", "both"), "s2r_train": ("all", "attempts"), "rm_norm": ("running", "batch", "none"),
+               "s2r_reward": ("outcome", "process", "both"), "s2r_train": ("all", "attempts"),
+               "rm_norm": ("running", "batch", "none"),
                "mode": ("rl", "train_reward_model")}
     for k, allowed in choices.items():
         if getattr(cfg, k) not in allowed:
@@ -1162,7 +1163,8 @@ def score(ro: Rollout, policy, ref, critic, cfg: Config, kind: str, tok, d: C.Di
                       cfg.overlong_max_len, cfg.overlong_cache, cfg.kl_coef, cfg.kl_in)
     b["total"] = r["total"]
     if cfg.algo == "grpo":
-        if kind == "stem" and (cfg.s2r_reward != "outcome" or cfg.s2r_train != "all") and any("steps" in x for x in ro.infos):
+        per_step = cfg.s2r_reward != "outcome" or cfg.s2r_train != "all"  # advantages differ between steps
+        if kind == "stem" and per_step and any("steps" in x for x in ro.infos):
             adv = s2r_token_advantages(ro, r["seq"], tok, cfg)
         else:
             adv = group_advantages(r["seq"], ro.G, cfg.std_norm)[0].float()[:, None].expand(n, T).clone()

@@ -57,10 +57,10 @@ STAGES = (  # (name, script, flag that takes the previous stage's final/)
 # (--s2r_train attempts: the verifications keep what SFT taught), and, before them, a
 # Bradley-Terry reward model (20 steps) on the student (RM_FLAGS), measured on held-out pairs.
 # From that student (16/100, first attempt 13) these flags gave 18, 15 and 16/100 with seeds 0-2
-# (first attempt 15, 15, 14) and kept its verdicts (balanced accuracy 0.67 -> 0.61-0.66). Every variant that let the reward reach the verdicts lost math
-# (5-13/100): most answers are wrong, so the verifier collapses to a constant, "incorrect" (retry
-# until the cap) or, under a length penalty, "correct"; at lr 2e-5 the attempts-only run kept 14
-# (README "Stage 4").
+# (first attempt 15, 15, 14) and kept its verdicts (balanced accuracy 0.67 -> 0.61-0.66). Every
+# variant that let the reward reach the verdicts lost math (5-13/100): most answers are wrong, so
+# the verifier collapses to a constant, "incorrect" (retry until the cap) or, under a length
+# penalty, "correct"; at lr 2e-5 the attempts-only run kept 14 (README "Stage 4").
 STAGE_FLAGS = {1: ["--math_test", "", "--max_steps", "24", "--lr", "1e-4"],
                2: ["--eval_limit", "0", "--code_eval_limit", "0", "--student_layers", "29", "--layer_choice", "block",
                    "--layer_calib", "4",
