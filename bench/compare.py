@@ -123,7 +123,7 @@ def run_ours_sft(work: Path) -> dict:
 
     import common as C
     import models as M
-    d = C.Dist()
+    d = C.init_distributed("cpu")  # as the stages do: C.keep_freed_memory on the CPU
     dtype = C.resolve_dtype("auto", d.device)
     model, tok = M.load_model_and_tokenizer(str(work / "model"))
     policy = M.LogProbModel(model)
@@ -259,7 +259,7 @@ def run_ours_gkd(work: Path) -> dict:
     import common as C
     import models as M
     D3 = _stage3()
-    d = C.Dist()
+    d = C.init_distributed("cpu")  # as the stages do: C.keep_freed_memory on the CPU
     dtype = C.resolve_dtype("auto", d.device)
     s_lm, tok = M.load_model_and_tokenizer(str(work / "model"))
     t_lm, _ = M.load_model_and_tokenizer(str(work / "teacher"))
@@ -305,7 +305,7 @@ def run_ours_dpo(work: Path) -> dict:
     import common as C
     import models as M
     D3 = _stage3()
-    d = C.Dist()
+    d = C.init_distributed("cpu")  # as the stages do: C.keep_freed_memory on the CPU
     dtype = C.resolve_dtype("auto", d.device)
     lm, tok = M.load_model_and_tokenizer(str(work / "model"))
     student = D3.StudentModel(lm)
@@ -384,7 +384,7 @@ def scaling_report(work: Path) -> None:
     import common as C
     import models as M
     import sampler as S
-    d, dev = C.Dist(), torch.device("cpu")
+    d, dev = C.init_distributed("cpu"), torch.device("cpu")
     dtype = C.resolve_dtype("auto", dev)
     model, tok = M.load_model_and_tokenizer(str(work / "model"))
     policy = M.LogProbModel(model)
@@ -420,9 +420,10 @@ def scaling_report(work: Path) -> None:
 # The driver
 
 
-def child(name: str, work: Path, steps: int, python: str) -> dict:
+def child(name: str, work: Path, steps: int, python: str, trl_keep_freed_memory: bool = False) -> dict:
+    env = {**os.environ, "TRL_KEEP_FREED_MEMORY": "1" if trl_keep_freed_memory else "0"}
     out = subprocess.run([python, __file__, "--run", name, "--work", str(work), "--grpo_steps", str(steps)],
-                         capture_output=True, text=True, cwd=ROOT)
+                         capture_output=True, text=True, cwd=ROOT, env=env)
     if out.returncode != 0:
         return {"error": out.stderr.strip().splitlines()[-1][:300] if out.stderr.strip() else f"exit {out.returncode}"}
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -448,6 +449,8 @@ def main():
     ap.add_argument("--work", default="", help="work directory (default: a fresh temp dir)")
     ap.add_argument("--run", default="", help=argparse.SUPPRESS)
     ap.add_argument("--skip_tables", action="store_true")
+    ap.add_argument("--trl_keep_freed_memory", action="store_true",
+                    help="give TRL's runs the allocator setting ours get (common.keep_freed_memory): is the gap ours or malloc's?")
     ap.add_argument("--tasks", default="sft,grpo,grpo_every_row,gkd,dpo",
                     help="comma-separated subset of sft,grpo,grpo_every_row,gkd,dpo")
     args = ap.parse_args()
@@ -456,6 +459,9 @@ def main():
                 "ours_grpo_every_row": run_ours_grpo_every_row, "trl_grpo_every_row": run_trl_grpo,
                 "ours_gkd": run_ours_gkd, "trl_gkd": run_trl_gkd, "ours_dpo": run_ours_dpo, "trl_dpo": run_trl_dpo}
         fn = runs[args.run]
+        if args.run.startswith("trl_") and os.environ.get("TRL_KEEP_FREED_MEMORY") == "1":
+            import common as C
+            C.keep_freed_memory()
         print(json.dumps(fn(Path(args.work), args.grpo_steps) if "grpo" in args.run else fn(Path(args.work))))
         return
     machine_report()
@@ -472,7 +478,7 @@ def main():
         for _ in range(args.rounds):  # A B A B
             res["ours"].append(child(f"ours_{task}", work, args.grpo_steps, sys.executable))
             if have_trl:
-                res["trl"].append(child(f"trl_{task}", work, args.grpo_steps, sys.executable))
+                res["trl"].append(child(f"trl_{task}", work, args.grpo_steps, sys.executable, args.trl_keep_freed_memory))
         keys = {"sft": ["step_s", "tok_s", "rss_mib"], "gkd": ["step_s", "tok_s", "rss_mib"], "dpo": ["step_s", "rss_mib"],
                 "grpo": ["step_s", "rollout_s", "reward_s", "train_s", "gen_tok_s", "rss_mib"]}[task.removesuffix("_every_row")]
         print(f"\n{task.upper()}, median (min-max) of {args.rounds} alternated runs")
