@@ -107,7 +107,7 @@ def keep_freed_memory() -> bool:
     """glibc's malloc: keep freed memory for the next tensor (called by `init_distributed` on the CPU;
     KEEP_FREED_MEMORY=0: off). By default each allocation over the mmap threshold (<= 32 MiB) is a
     fresh mmap, page-faulted in at first write: exp() into a new [512, 49152] fp32 tensor took 57 ms,
-    18 ms with this; SmolLM2-135M training 29-31% -> 42-46% MFU for ~8% more peak RSS (2-core EPYC,
+    18 ms with this; SmolLM2-135M training 31-37% -> 42-46% MFU for 8-15% more peak RSS (2-core EPYC,
     BENCHMARKS.md). M_MMAP_MAX = 0 serves every block from the heap, a 2 GiB M_TRIM_THRESHOLD keeps
     freed blocks there: what preloading jemalloc / tcmalloc does, with nothing to install."""
     if os.environ.get("KEEP_FREED_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):

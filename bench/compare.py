@@ -450,7 +450,8 @@ def main():
     ap.add_argument("--run", default="", help=argparse.SUPPRESS)
     ap.add_argument("--skip_tables", action="store_true")
     ap.add_argument("--trl_keep_freed_memory", action="store_true",
-                    help="give TRL's runs the allocator setting ours get (common.keep_freed_memory): is the gap ours or malloc's?")
+                    help="give TRL's runs the allocator setting ours get (common.keep_freed_memory): "
+                         "is the gap ours or malloc's?")
     ap.add_argument("--tasks", default="sft,grpo,grpo_every_row,gkd,dpo",
                     help="comma-separated subset of sft,grpo,grpo_every_row,gkd,dpo")
     args = ap.parse_args()
@@ -478,7 +479,8 @@ def main():
         for _ in range(args.rounds):  # A B A B
             res["ours"].append(child(f"ours_{task}", work, args.grpo_steps, sys.executable))
             if have_trl:
-                res["trl"].append(child(f"trl_{task}", work, args.grpo_steps, sys.executable, args.trl_keep_freed_memory))
+                res["trl"].append(child(f"trl_{task}", work, args.grpo_steps, sys.executable,
+                                        args.trl_keep_freed_memory))
         keys = {"sft": ["step_s", "tok_s", "rss_mib"], "gkd": ["step_s", "tok_s", "rss_mib"], "dpo": ["step_s", "rss_mib"],
                 "grpo": ["step_s", "rollout_s", "reward_s", "train_s", "gen_tok_s", "rss_mib"]}[task.removesuffix("_every_row")]
         print(f"\n{task.upper()}, median (min-max) of {args.rounds} alternated runs")
