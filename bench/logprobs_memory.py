@@ -4,7 +4,7 @@ Benchmark: peak memory of per-token log-probs, naive full log-softmax vs common.
     naive      logits = hidden @ W^T               [B, T, V] fp32
                logp   = log_softmax(logits).gather(labels)
     selective  M.selective_logprobs(hidden, W, labels): label logit - chunked logsumexp,
-               `chunk_size` rows at a time under activation checkpointing (PITFALLS #11)
+               `chunk_size` rows at a time, each with a written-out backward (PITFALLS #11)
 
 Both run forward + backward of loss = -mean(logp) from the same inputs (hidden [B, T, H] and
 W [V, H] with requires_grad), every position trained. Peak memory is the increase over the memory

@@ -84,6 +84,34 @@ def test_selective_logprobs_exact_and_gradients(temperature, chunk_size):
     assert (gh[labels == IGNORE] == 0).all()
 
 
+def test_selective_logprobs_backward_passes_gradcheck_in_float64():
+    """The hand-written backward (dz = g (onehot(y) - p) / T) against finite differences."""
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(2, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(9, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 9, (2, 5), generator=g)
+    labels[1, 0] = IGNORE
+    assert torch.autograd.gradcheck(lambda h, w: M.selective_logprobs(h, w, labels, 0.7, 3)[0], (hidden, weight))
+
+
+def test_selective_logprobs_under_bf16_autocast_agrees_with_float64_to_bf16_precision():
+    """bf16 projection as autocast would do it, fp32 outputs and fp32 gradients (several chunks)
+    within bf16 precision of the float64 reference."""
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(1, 40, 32, generator=g, requires_grad=True)
+    weight = (0.2 * torch.randn(64, 32, generator=g)).requires_grad_()
+    labels = torch.randint(0, 64, (1, 40), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logp, _ = M.selective_logprobs(hidden, weight, labels, 1.0, 8)
+    assert logp.dtype == torch.float32
+    gh, gw = torch.autograd.grad(logp.sum(), (hidden, weight))
+    assert gh.dtype == gw.dtype == torch.float32
+    ref_logp, _ = naive_logprobs(hidden, weight, labels, 1.0)
+    rh, rw = torch.autograd.grad(ref_logp.sum(), (hidden, weight))
+    assert (logp.double() - ref_logp).abs().max() < 0.05
+    assert (gw.double() - rw).norm() / rw.norm() < 0.02 and (gh.double() - rh).norm() / rh.norm() < 0.02
+
+
 def test_selective_logprobs_all_ignored_and_no_grad():
     hidden, weight = torch.randn(2, 4, 8), torch.randn(11, 8)
     labels = torch.full((2, 4), IGNORE)
