@@ -209,6 +209,31 @@ class _ChunkLogProbs(torch.autograd.Function):
         return dh, None, dweight, None, None
 
 
+def label_logprobs(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, temperature: float = 1.0,
+                   chunk_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(y_i | h_i) and the entropy of p for N rows: h [N, H], weight [V, H], y [N] long.
+    Returns (logp [N] fp32, entropy [N] fp32, not differentiable); float64 in, float64 out.
+
+    `chunk_size` rows at a time, and each chunk (`_ChunkLogProbs`) keeps only its inputs for the
+    backward, so neither the forward nor the backward ever holds more than a [chunk_size, V] fp32
+    block (PITFALLS #11). Under autocast the projection runs in the autocast dtype, as
+    `h @ weight.t()` would; the log-softmax is fp32.
+    """
+    dev = h.device.type
+    dtype = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
+             else torch.promote_types(h.dtype, weight.dtype))
+    h, w = h.to(dtype), weight.detach().to(dtype)  # the compute copies; the gradient goes to `weight`
+    logps, ents = [], []
+    with torch.autocast(dev, enabled=False):
+        for i in range(0, h.shape[0], chunk_size):
+            lp, en = _ChunkLogProbs.apply(h[i:i + chunk_size], w, weight, y[i:i + chunk_size], temperature)
+            logps.append(lp)
+            ents.append(en)
+    if not logps:
+        return (h.new_zeros(0, dtype=_fp32(h).dtype),) * 2
+    return torch.cat(logps), torch.cat(ents)
+
+
 def selective_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                        temperature: float = 1.0, chunk_size: int = 512):
     """log p(labels[b, t] | prefix) and the entropy of p, only where labels != IGNORE.
@@ -216,31 +241,12 @@ def selective_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
     hidden: [B, T, H] final hidden states (already aligned: position t predicts labels[b, t])
     weight: [V, H] the output embedding; labels: [B, T] long, IGNORE where no loss.
     Returns (logp [B, T] fp32, entropy [B, T] fp32, not differentiable), zeros at ignored positions.
-
-    Memory: only the selected positions are projected, `chunk_size` rows at a time, and each chunk
-    (`_ChunkLogProbs`) keeps only its inputs for the backward, so neither the forward nor the
-    backward ever holds more than a [chunk_size, V] float32 block (PITFALLS #11). Under autocast
-    the projection runs in the autocast dtype, as `h @ weight.t()` would; log-softmax is fp32.
+    Only the selected positions are projected to the vocabulary (`label_logprobs`).
     """
-    B, T, H = hidden.shape
     sel = labels != C.IGNORE
-    dev = hidden.device.type
-    dtype = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
-             else torch.promote_types(hidden.dtype, weight.dtype))
-    h, y = hidden[sel].to(dtype), labels[sel]  # [N, H], [N]
-    w = weight.detach().to(dtype)  # the compute copy; the gradient goes to `weight`
-    logps, ents = [], []
-    with torch.autocast(dev, enabled=False):
-        for i in range(0, h.shape[0], chunk_size):
-            lp, en = _ChunkLogProbs.apply(h[i:i + chunk_size], w, weight, y[i:i + chunk_size], temperature)
-            logps.append(lp)
-            ents.append(en)
-    logp = hidden.new_zeros(B, T, dtype=_fp32(h).dtype)
-    entropy = torch.zeros_like(logp)
-    if logps:
-        logp = logp.masked_scatter(sel, torch.cat(logps))
-        entropy = entropy.masked_scatter(sel, torch.cat(ents))
-    return logp, entropy
+    lp, en = label_logprobs(hidden[sel], weight, labels[sel], temperature, chunk_size)  # [N]
+    logp = hidden.new_zeros(labels.shape, dtype=lp.dtype).masked_scatter(sel, lp)
+    return logp, torch.zeros_like(logp).masked_scatter(sel, en)
 
 
 class LogProbModel(nn.Module):
