@@ -205,7 +205,9 @@ class _ChunkLogProbs(torch.autograd.Function):
         t = 1.0 if ctx.temperature in (0.0, 1.0) else ctx.temperature
         dz = process_logits(_fp32(h @ w.t()), t).sub_(lse).exp_()  # p: [n, V]
         dz.mul_(-g[:, None]).scatter_add_(-1, y[:, None], g[:, None])  # g (onehot(y) - p)
-        dz = (dz / t if t != 1.0 else dz).to(w.dtype)
+        if t != 1.0:
+            dz.div_(t)  # in place: no second [n, V] block at a sampling temperature
+        dz = dz.to(w.dtype)
         dh = dz @ w if ctx.needs_input_grad[0] else None
         dweight = (dz.t() @ h).to(ctx.weight_dtype) if ctx.needs_input_grad[2] else None
         return dh, None, dweight, None, None

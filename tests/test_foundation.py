@@ -399,9 +399,9 @@ print(applied, min(faults[8:]))
 def test_keep_freed_memory_reuses_a_freed_block_instead_of_faulting_in_a_new_one():
     """A 64 MiB tensor made and freed at every step of a loop: with C.keep_freed_memory the later
     steps reuse freed heap pages (almost no page faults: the first few steps grow the heap, since
-    an aligned block does not fit exactly where its predecessor was; measured, 3-5 of them); with KEEP_FREED_MEMORY=0
-    (glibc's default: a fresh mmap per large block) all 16,384 4-KiB pages fault in again at
-    every step. Counted page faults, not time."""
+    an aligned block does not fit exactly where its predecessor was; measured, 3-5 of them); with
+    KEEP_FREED_MEMORY=0 (glibc's default: a fresh mmap per large block) all 16,384 4-KiB pages
+    fault in again at every step. Counted page faults, not time."""
     out = {}
     for flag in ("1", "0"):
         r = subprocess.run([sys.executable, "-c", _FAULTS.format(root=str(ROOT))], capture_output=True, text=True,
