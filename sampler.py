@@ -8,14 +8,15 @@ rollouts, on-policy distillation).
   `gathered_for_generation`   under FSDP2: gather the parameters once per rollout, not per token
 What keeps it correct: the logits go through `models.process_logits`, the same transform the
 trainer scores with, so in fp32 the sampled log-probs equal the trainer's to ~1e-6 (tested).
-What makes it fast (decoding is memory-bound, one weight read per token; measured on SmolLM2-135M,
-64 rows, 2 cores): a KV cache and logits of the last position only; `sample_categorical`, an
+What makes it fast (each decode step reads every weight and the whole cache; measured on
+SmolLM2-135M, 64 rows, 2 cores): a KV cache and logits of the last position only; `sample_categorical`, an
 inverse-CDF draw in two levels instead of torch.multinomial (-25% of a decode step); weights in
 bf16 cast once per rollout (`sampling_model`) instead of once per token under autocast; for those
 bf16 copies of Llama models a written-out decode step (`LlamaDecodeStep`: a cache written in
 place, fused q/k/v and gate/up GEMMs); finished rows dropped from the batch (`generate`'s
-compact_at) and prompts prefilled in groups of similar length (`length_buckets`); under FSDP2 one
-gather per rollout. See BENCHMARKS.md.
+compact_at); prompts prefilled in groups of similar length (`length_buckets`), a prompt repeated
+in the batch (a GRPO group, S2R's K samples) prefilled once (-33% for 8 prompts x 8 samples x 64
+tokens); under FSDP2 one gather per rollout. See BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -102,28 +103,36 @@ def prefill(lm: nn.Module, prompts: list[list[int]], pad_id: int, device) -> tup
     """Run the prompts through the model in length groups (`length_buckets`) and assemble one
     left-padded batch. Returns (raw [B, V] fp32 logits of each prompt's last token, keys and
     values [(K, V) per layer, each [B, Hkv, P, D]], attn [B, P] 1 on real tokens, pos [B, P]
-    position ids counting only real tokens). Padded slots hold zeros and are masked by `attn`."""
-    B, P = len(prompts), max(len(p) for p in prompts)
-    attn = torch.zeros((B, P), dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
+    position ids counting only real tokens). Padded slots hold zeros and are masked by `attn`.
+    A prompt that appears several times (GRPO's G samples of one prompt, S2R's K, stage 3's
+    preference samples) is run once and its logits and cache rows copied: the prefill of a group
+    of G costs one row, not G."""
+    first = {}  # prompt -> its row among the unique prompts
+    inv = torch.tensor([first.setdefault(tuple(p), len(first)) for p in prompts], device=device)
+    uniq = [list(p) for p in first]
+    U, P = len(uniq), max(len(p) for p in uniq)
+    attn = torch.zeros((U, P), dtype=torch.long, device=device)
+    for i, p in enumerate(uniq):
         attn[i, P - len(p):] = 1
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
     raw, kv = None, None
-    for group in length_buckets([len(p) for p in prompts]):
-        Pg = max(len(prompts[i]) for i in group)
-        ids = torch.tensor([[pad_id] * (Pg - len(prompts[i])) + prompts[i] for i in group], device=device)
+    for group in length_buckets([len(p) for p in uniq]):
+        Pg = max(len(uniq[i]) for i in group)
+        ids = torch.tensor([[pad_id] * (Pg - len(uniq[i])) + uniq[i] for i in group], device=device)
         rows = torch.tensor(group, device=device)
         # logits_to_keep=1: only the last position is sampled from; the full [B, P, V] prefill logits
         # would cost ~25% more prefill FLOPs and B * P * V * 4 bytes (1.4 GB for 8 x 450 x 49152)
         out = lm(input_ids=ids, attention_mask=attn[rows, P - Pg:], position_ids=pos[rows, P - Pg:],
                  use_cache=True, logits_to_keep=1)
         if raw is None:
-            raw = torch.zeros(B, out.logits.shape[-1], device=device)
-            kv = [tuple(x.new_zeros(B, x.shape[1], P, x.shape[3]) for x in (layer.keys, layer.values))
+            raw = torch.zeros(U, out.logits.shape[-1], device=device)
+            kv = [tuple(x.new_zeros(U, x.shape[1], P, x.shape[3]) for x in (layer.keys, layer.values))
                   for layer in out.past_key_values.layers]
         raw[rows] = out.logits[:, -1].float()
         for (K, V), layer in zip(kv, out.past_key_values.layers):
             K[rows, :, P - Pg:], V[rows, :, P - Pg:] = layer.keys, layer.values
+    if U < len(prompts):  # copy the repeated prompts' rows
+        raw, kv, attn, pos = raw[inv], [(K[inv], V[inv]) for K, V in kv], attn[inv], pos[inv]
     return raw, kv, attn, pos
 
 

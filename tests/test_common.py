@@ -673,6 +673,33 @@ def test_generate_dropping_finished_rows_changes_no_token(tok, lm, dtype):
             torch.testing.assert_close(g.logp[0, :n], runs[0].logp[i, :n], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_generate_prefills_a_repeated_prompt_once(tok, lm, dtype):
+    """A prompt that appears several times in one call (GRPO's group, S2R's K samples) is run
+    through the prefill once; every copy, in any order among prompts of other lengths, then decodes
+    exactly as that prompt alone (greedy; fp32: the log-probs to 1e-5 too)."""
+    lm.eval()
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[2], PROMPTS[1], PROMPTS[0]]
+    d, wrapped, seen = C.Dist(), M.LogProbModel(lm), []
+    with S.sampling_model(wrapped, d, dtype) as m:
+        hf = m.lm if isinstance(m, M.LogProbModel) else m  # fp32: the model itself; bf16: its copy
+        hook = hf.register_forward_pre_hook(  # the prefill's calls (a decode step passes the cache)
+            lambda mod, args, kw: seen.append(0 if "past_key_values" in kw else kw["input_ids"].shape[0]),
+            with_kwargs=True)
+        try:
+            dup = S.generate(m, prompts, 10, [], tok.pad_token_id, temperature=0.0)
+        finally:
+            hook.remove()
+        alone = [S.generate(m, [p], 10, [], tok.pad_token_id, temperature=0.0) for p in PROMPTS]
+    assert sum(seen) == len(PROMPTS)  # each distinct prompt went through the prefill once
+    for i, p in enumerate(prompts):
+        ref = alone[PROMPTS.index(p)]
+        n = 6 if dtype == torch.bfloat16 else 10  # bf16 on a random tiny model meets near-ties later
+        assert dup.response_ids(i)[:n] == ref.response_ids(0)[:n], i
+        if dtype == torch.float32:
+            torch.testing.assert_close(dup.logp[i], ref.logp[0], atol=1e-5, rtol=0)
+
+
 def test_generate_stop_strings(tok, lm):
     lm.eval()
     free = naive_greedy(lm, PROMPTS[0], 12)
