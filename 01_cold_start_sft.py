@@ -154,7 +154,8 @@ class Config:
     k_samples: int = C.arg(8, "K: responses sampled per question to estimate its pass rate")
     sample_temperature: float = C.arg(0.7, "temperature of the K samples")
     sample_max_new_tokens: int = C.arg(64, "max new tokens per sampled response")
-    sample_batch_size: int = C.arg(64, "prompts per generate call while sampling")
+    sample_batch_size: int = C.arg(128, "prompts per generate call while sampling (K copies of a question are "
+                                        "prefilled once; bigger batches share the weight reads)")
     sample_instruction: str = C.arg(" Finish with 'The answer is X.'", "appended to a math question only when "
                                     "the K attempts are sampled (not in the trajectories): see the docstring")
     difficulty_edges: list[float] = C.arg([0.5, 0.0], "pass-rate edges: bucket = #{e : pass_rate <= e}")
@@ -191,9 +192,9 @@ class Config:
     eval_transfer_limit: int = C.arg(40, "transfer-split math questions (stratified over difficulty); 0 = none")
     eval_difficulties: list[int] = C.arg([1, 2, 3, 4, 5], "difficulty levels of the held-out questions")
     eval_max_new_tokens: int = C.arg(128, "max new tokens per eval response (greedy)")
-    eval_batch_size: int = C.arg(52, "prompts per generate call (and rows per held-out loss forward) during eval; "
-                                     "256 (the pipeline's 204 prompts in one call) was a fifth faster, but changes bf16 "
-                                     "greedy answers a little (BENCHMARKS.md)")
+    eval_batch_size: int = C.arg(256, "prompts per generate call (and rows per held-out loss forward) during eval: "
+                                      "the pipeline's 204 prompts in one call, a fifth faster than calls of 52 "
+                                      "(BENCHMARKS.md); the batch changes bf16 greedy answers a little")
     eval_loss_limit: int = C.arg(16, "held-out samples for the teacher-forced loss")
     eval_every: int = C.arg(0, "held-out loss every N steps (0 = only start / end, with the full eval)")
 

@@ -80,9 +80,13 @@ def test_module_layout_common_is_small_and_readme_counts_are_true():
     assert not imports["common.py"] & {"models", "sampler", "verify", "sandbox"}
     assert not (imports["models.py"] | imports["sampler.py"]) & {"verify", "sandbox"}
     readme = (ROOT / "README.md").read_text()
-    for f in ("common.py", "models.py", "sampler.py", "verify.py"):
+    for f in ("common.py", "models.py", "sampler.py", "verify.py", "pipeline.py"):
         quoted = re.search(r"\| `" + re.escape(f) + r"` \| (\d+) ", readme)
         assert quoted and int(quoted.group(1)) == len((ROOT / f).read_text().splitlines()), f
+    stages = ("01_cold_start_sft.py", "02_overall_sft.py", "03_distill.py", "04_rl.py")
+    quoted = re.search(r"\| " + ", ".join(f"`{f}`" for f in stages) + r" \| ([\d, ]+) \|", readme)
+    assert quoted and [int(n) for n in quoted.group(1).split(",")] == [
+        len((ROOT / f).read_text().splitlines()) for f in stages]
 
 
 def test_seed_for_is_a_pure_function_of_its_parts():
