@@ -232,7 +232,7 @@ def plot_eval(out: Path, rows: list[tuple[str, dict]]) -> str | None:
     import matplotlib.pyplot as plt
 
     (out / "plots").mkdir(exist_ok=True)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
     x = list(range(len(rows)))
     panels = ((("math_acc", "math (last attempt)"), ("math_acc_first", "math (first attempt)"),
                ("transfer_acc", "transfer split"), ("code_acc", "code")),
@@ -246,7 +246,7 @@ def plot_eval(out: Path, rows: list[tuple[str, dict]]) -> str | None:
         ax.set_xticks(x, [m.replace("after ", "").replace(" (", "\n(") for m, _ in rows], fontsize=8)
         ax.set_title(title, fontsize=10)
         ax.set_ylim(bottom=-0.01)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)  # below: never over a line
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "plots" / "math_by_stage.png", dpi=90)
