@@ -12,8 +12,10 @@ Benchmark: training throughput and MFU of the shared training path on this machi
 3. --mode generate: samples --batch prompts (held-out math questions in the chat template, ~54
    tokens on SmolLM2) for --new_tokens tokens at --temperature through the sampler every stage uses
    (sampler.sampling_model + sampler.generate: in bf16 the weight copy and the written-out decode
-   step), and prints generated tokens/s and MFU = 2 N tokens/s / the measured matmul peak (decoding
-   is memory-bound: this MFU is low by nature). --repeats timed runs after a warm-up; the median.
+   step), and prints generated tokens/s and MFU = 2 N tokens/s / the measured matmul peak (it
+   leaves out the prefill's FLOPs). --repeats timed runs after a warm-up; the median. Then what
+   bounds it: the prefill timed alone, the decode rate as the rest of the time, and the FLOP bound
+   (the peak / FLOPs per generated token, its prompt's prefill share included).
 4. --mode rl_update: one forward + backward of stage 4's update (`04_rl.response_forward`) on --batch
    samples (the held-out math prompts, random response ids of lengths uniform in 10..--new_tokens),
    packed (`pack_rollout`, what the stage runs) and, alternated with it, left/right padded
@@ -174,6 +176,25 @@ def bench_generate(cfg: Config, d, dtype, model, tok, peak: float) -> None:
     print(f"peak memory         {peak_mem / gib:10.2f} GiB (+{(peak_mem - base) / gib:.2f} GiB over the loaded model)")
     print(f"MFU                 {100 * 2 * n_params * statistics.median(tok_s) / peak:10.1f} %  (2 N tokens/s of the "
           f"measured {dtype} matmul peak, {peak / 1e9:.1f} GFLOP/s)")
+    # What bounds it: the prefill timed alone, the decode steps as the rest, and the FLOPs of both
+    with torch.no_grad(), S.sampling_model(policy, d, dtype) as m:
+        pre = []
+        for _ in range(max(cfg.repeats, 1)):
+            t0 = time.perf_counter()
+            S.prefill(m.lm if isinstance(m, M.LogProbModel) else m, prompts, tok.pad_token_id, d.device)
+            sync(d.device)
+            pre.append(time.perf_counter() - t0)
+    t_pre, n_prompt = statistics.median(pre), sum(map(len, prompts))
+    layers = sum(p.numel() for p in model.get_decoder().layers.parameters())  # prefill: the layers only
+    decode_flops = 2 * (layers + model.get_output_embeddings().weight.numel())  # a decode step: layers + head
+    dec_s = [n / (t - t_pre) for n, t in zip(tokens, times)]
+    print(f"prefill alone       {t_pre:10.2f} s   ({n_prompt / t_pre:.0f} prompt tok/s, "
+          f"{2 * layers * n_prompt / t_pre / 1e9:.0f} GFLOP/s in 2 x layer weights x prompt tokens)")
+    print(f"decode (the rest)   {statistics.median(dec_s):10.1f} tok/s ({decode_flops * statistics.median(dec_s) / 1e9:.0f} "
+          f"GFLOP/s in 2 x (layer + head) weights per token)")
+    per_tok = decode_flops + 2 * layers * n_prompt / max(statistics.median(tokens), 1)
+    print(f"FLOP bound          {peak / per_tok:10.1f} tok/s  (the measured peak / {per_tok / 1e6:.0f} MFLOP per generated "
+          f"token, its prompt's prefill share included)")
 
 
 def bench_rl_update(cfg: Config, d, dtype, model, tok, peak: float) -> None:

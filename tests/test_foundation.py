@@ -320,6 +320,7 @@ def test_benchmarks_run_on_the_tiny_shapes(tmp_path):
                              capture_output=True, text=True)
         assert res.returncode == 0, f"{cmd[0]}:\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
         assert "tokens/s" in res.stdout or "logprobs" in cmd[0], res.stdout[-2000:]
+        assert "generate" not in cmd or ("prefill alone" in res.stdout and "FLOP bound" in res.stdout), res.stdout
 
 
 def test_compare_bench_builds_the_same_work_and_runs_our_side(tmp_path):
