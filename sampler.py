@@ -9,14 +9,14 @@ rollouts, on-policy distillation).
 What keeps it correct: the logits go through `models.process_logits`, the same transform the
 trainer scores with, so in fp32 the sampled log-probs equal the trainer's to ~1e-6 (tested).
 What makes it fast (each decode step reads every weight and the whole cache; measured on
-SmolLM2-135M, 64 rows, 2 cores): a KV cache and logits of the last position only; `sample_categorical`, an
-inverse-CDF draw in two levels instead of torch.multinomial (-25% of a decode step); weights in
-bf16 cast once per rollout (`sampling_model`) instead of once per token under autocast; for those
-bf16 copies of Llama models a written-out decode step (`LlamaDecodeStep`: a cache written in
-place, fused q/k/v and gate/up GEMMs); finished rows dropped from the batch (`generate`'s
-compact_at); prompts prefilled in groups of similar length (`length_buckets`), a prompt repeated
-in the batch (a GRPO group, S2R's K samples) prefilled once (-33% for 8 prompts x 8 samples x 64
-tokens); under FSDP2 one gather per rollout. See BENCHMARKS.md.
+SmolLM2-135M, 64 rows, 2 cores): a KV cache and logits of the last position only;
+`sample_categorical`, an inverse-CDF draw in two levels instead of torch.multinomial (-25% of a
+decode step); weights in bf16 cast once per rollout (`sampling_model`) instead of once per token
+under autocast; for those bf16 copies of Llama models a written-out decode step (`LlamaDecodeStep`:
+a cache written in place, fused q/k/v and gate/up GEMMs); finished rows dropped from the batch
+(`generate`'s compact_at); prompts prefilled in groups of similar length (`length_buckets`), a
+prompt repeated in the batch (a GRPO group, S2R's K samples) prefilled once (-33% for 8 prompts x 8
+samples x 64 tokens); under FSDP2 one gather per rollout. See BENCHMARKS.md.
 """
 from __future__ import annotations
 
