@@ -14,7 +14,8 @@ checkpoint (each stage's --save_every, e.g. --stage1 "--save_every 10"). Wall ti
 out_dir/timings.json (a resumed stage adds the time of each attempt).
 
 Stage by stage: 01_cold_start_sft.py (from the embedded model or --model), 02_overall_sft.py
---model <stage 1>/final (its reasoning data: stage 1's S2R trajectories, `--reasoning s2r`),
+--model <stage 1>/final (its reasoning data: stage 1's S2R trajectories, `--reasoning s2r`, beside
+conversation, tool use and code: STAGE2_MIXTURE),
 03_distill.py --teacher <stage 2>/final (student: a 29-layer copy, see STAGE_FLAGS),
 04_rl.py --mode train_reward_model (a reward model on the student) then 04_rl.py --model
 <stage 3>/final. Nothing clever: it builds five command lines and runs them.
@@ -69,11 +70,19 @@ STAGE_FLAGS = {1: ["--math_test", "", "--max_steps", "24", "--lr", "1e-4"],
                    "--max_new_tokens", "128", "--lr", "1e-5", "--prompts_per_step", "4", "--group_size", "8",
                    "--overlong", "masked", "--math_instruction", "", "--s2r_train", "attempts"]}
 RM_FLAGS = ["--mode", "train_reward_model", "--rm_steps", "20"]
+# Stage 2's mixture (before stage 1's trajectories, `reflective=...:1`): conversation, tool use at
+# 1.5 and code tasks with their reference solutions at 0.5. Stage 1 LOSES code (17 -> 9 of the 60
+# held-out tasks: its 24 code trajectories are a sixth of ~100 seen samples, and its code
+# verifications cannot run tests at inference). From one stage 1 output (2026-12-06, 24 steps,
+# lr 1e-4; math / code / agent success on 100 / 60 / 32 held-out items): without code rows 12 / 14 /
+# 50%; code:1 and agent:1: 14 / 30 / 16%; code:0.5 and agent:1.5 (this): 11 / 24 / 47%.
+STAGE2_MIXTURE = ["chat=data/chat_train.jsonl:1", "agent=data/agent_train.jsonl:1.5", "code=data/code_train.jsonl:0.5"]
 # The one held-out eval of every model (stage 1's eval, before the user's --eval flags): 100 of the
 # 150 math test questions and all 80 of the transfer split, not stage 1's default 40 / 40: at 40 a
 # stage's effect on math was 1-3 questions, inside the noise (four RL runs from one model: 1-5/40);
-# +25 s per model (measured).
-EVAL_FLAGS = ["--eval_limit", "100", "--eval_transfer_limit", "80"]
+# +25 s per model (measured). All 60 code tasks, not 24: 24 put the embedded model at 8 and stage 1
+# at 5, where 60 put them at 17 and 9 (the same models).
+EVAL_FLAGS = ["--eval_limit", "100", "--eval_transfer_limit", "80", "--eval_code_limit", "60"]
 
 
 @dataclass
@@ -109,8 +118,8 @@ def command(cfg: Config, i: int, prev: str) -> list[str]:
     carry = []
     s2r = Path(cfg.out_dir) / STAGES[0][0] / "trajectories.jsonl"
     if i == 1 and cfg.reasoning != "plain":  # keep stage 1's format in stage 2's mixture
-        carry = ["--data", "chat=data/chat_train.jsonl:1", "agent=data/agent_train.jsonl:1",
-                 *(["reasoning=data/math_train.jsonl:1"] if cfg.reasoning == "both" else []), f"reflective={s2r}:1"]
+        carry = ["--data", *STAGE2_MIXTURE, *(["reasoning=data/math_train.jsonl:1"] if cfg.reasoning == "both" else []),
+                 f"reflective={s2r}:1"]
     if i == 0:  # stage 1's start / end evals are the first two rows of the pipeline's eval table
         carry = EVAL_FLAGS + shlex.split(cfg.eval)
     return launcher(cfg) + [str(ROOT / script), flag, prev, "--out_dir", str(Path(cfg.out_dir) / name),

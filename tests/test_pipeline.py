@@ -95,6 +95,7 @@ def test_stage_2_reasoning_source_is_stage_1s_trajectories_by_default(tmp_path):
     cmd = pipeline.command(cfg, 1, "prev/final")
     assert f"reflective={s2r}:1" in cmd and cmd.index("--data") < cmd.index("--max_steps")
     assert not any("math_train" in c for c in cmd)                        # the plain CoT solutions replaced
+    assert all(src in cmd for src in pipeline.STAGE2_MIXTURE) and "code=data/code_train.jsonl:0.5" in cmd
     assert "--data" not in pipeline.command(cfg, 2, "x")                 # stage 3: not touched
     both = pipeline.C.parse_config(pipeline.Config, ["--out_dir", str(tmp_path), "--reasoning", "both"])
     assert "reasoning=data/math_train.jsonl:1" in pipeline.command(both, 1, "p")
