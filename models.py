@@ -283,6 +283,11 @@ class LogProbModel(nn.Module):
         return res
 
 
+def hf_model(model: nn.Module) -> nn.Module:
+    """The HF causal LM itself: a LogProbModel's .lm, any other module as it is."""
+    return model.lm if isinstance(model, LogProbModel) else model
+
+
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: HF model + training state, written atomically
 
@@ -316,7 +321,7 @@ def load_full_state(model: nn.Module, sd: dict, d: C.Dist) -> None:
 def save_hf(model: nn.Module, tok, path: str | Path, d: C.Dist, full_state: dict | None = None) -> None:
     """Save the wrapped HF model (safetensors) + tokenizer to `path`, loadable by transformers/vLLM.
     Collective under FSDP2 (every rank must call it); rank 0 writes, atomically."""
-    lm = model.lm if isinstance(model, LogProbModel) else model
+    lm = hf_model(model)
     if full_state is None:
         full_state, _ = gather_full_state(model, None)
     if d.is_main:

@@ -154,7 +154,7 @@ def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, eo
     `model`: a HF causal LM or a M.LogProbModel (its .lm is used); under FSDP2 call this inside
     `gathered_for_generation(root)` so parameters are gathered once.
     """
-    lm = model.lm if isinstance(model, M.LogProbModel) else model
+    lm = M.hf_model(model)
     device = next(lm.parameters()).device
     eos = torch.tensor([eos_ids] if isinstance(eos_ids, int) else list(eos_ids), device=device)
     B, P = len(prompts), max(len(p) for p in prompts)
@@ -333,7 +333,7 @@ def sampling_model(model: nn.Module, d: C.Dist, dtype: torch.dtype):
         with C.fwd_context(model, d, dtype):
             yield model
         return
-    lm = model.lm if isinstance(model, M.LogProbModel) else model
+    lm = M.hf_model(model)
     if next(lm.parameters()).dtype == dtype:  # already held in the compute dtype (a frozen teacher): no copy
         if lm not in _ENGINES and LlamaDecodeStep.supported(lm):
             _ENGINES[lm] = LlamaDecodeStep(lm)

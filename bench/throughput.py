@@ -181,7 +181,7 @@ def bench_generate(cfg: Config, d, dtype, model, tok, peak: float) -> None:
         pre = []
         for _ in range(max(cfg.repeats, 1)):
             t0 = time.perf_counter()
-            S.prefill(m.lm if isinstance(m, M.LogProbModel) else m, prompts, tok.pad_token_id, d.device)
+            S.prefill(M.hf_model(m), prompts, tok.pad_token_id, d.device)
             sync(d.device)
             pre.append(time.perf_counter() - t0)
     t_pre, n_prompt = statistics.median(pre), sum(map(len, prompts))
