@@ -1428,7 +1428,7 @@ def evaluate(policy, tok, cfg: Config, d: C.Dist, dtype, kinds: list[str], rm_sc
                 pass
         s = C.all_reduce_sum(torch.tensor([total, count], dtype=torch.float64), d).tolist()
         name = {"stem": "math_acc", "code": "code_pass", "pref": "rm_score", "toy": "toy_reward"}[kind]
-        res[name] = s[0] / max(s[1], 1.0)
+        res[name], res[f"{name}_n"] = s[0] / max(s[1], 1.0), int(s[1])
     return res
 
 
@@ -1459,13 +1459,16 @@ def rm_pair_scores(rm, pairs, pad_id, device) -> tuple[torch.Tensor, torch.Tenso
     return s[:len(pairs)], s[len(pairs):]
 
 
-def rm_accuracy(rm, pairs, pad_id, device, d: C.Dist, batch: int = 8) -> float:
+def rm_accuracy(rm, pairs, pad_id, device, d: C.Dist, dtype: torch.dtype, batch: int = 8) -> float:
     """Fraction of pairs with r(chosen) > r(rejected). Each rank scores pairs[rank::W] with the
-    parameters gathered once (ranks may hold different numbers of pairs: no collective inside)."""
-    mine = pairs[d.rank::d.world_size]
+    parameters gathered once (ranks may hold different numbers of pairs: no collective inside), in
+    the precision RL scores with (`load_rm_scorer`: autocast in dtype), the pairs in order of length
+    so that a batch holds little padding (SmolLM2 RM, 100 held-out pairs, 2 cores: 40 s in fp32 in
+    the order of the file, 20 s in bf16, 13 s in bf16 sorted)."""
+    mine = sorted(pairs[d.rank::d.world_size], key=lambda p: max(len(p[0]), len(p[1])))
     correct = 0.0
     rm.eval()
-    with S.gathered_for_generation(rm), torch.no_grad():
+    with S.gathered_for_generation(rm), torch.no_grad(), C.fwd_context(rm, d, dtype):
         for i in range(0, len(mine), batch):
             rc, rr = rm_pair_scores(rm, mine[i:i + batch], pad_id, device)
             correct += float((rc > rr).sum())
@@ -1490,7 +1493,7 @@ def train_reward_model(cfg: Config, d: C.Dist) -> dict:
     test, n_drop_test = pref_pairs(cfg.pref_test, tok, cfg.max_len)
     C.print0(f"RM pairs: train {len(train)} (dropped {n_drop} > {cfg.max_len} tokens), test {len(test)} "
              f"(dropped {n_drop_test})")
-    acc0 = rm_accuracy(rm, test, tok.pad_token_id, d.device, d)
+    acc0 = rm_accuracy(rm, test, tok.pad_token_id, d.device, d, dtype)
     opt = C.make_optimizer(rm, cfg.rm_lr, cfg.weight_decay)
     log = C.MetricsLogger(Path(cfg.out_dir) / "reward_model_logs", d, cfg.rm_steps, cfg, cfg.wandb_project)
     for step in range(cfg.rm_steps):
@@ -1509,7 +1512,7 @@ def train_reward_model(cfg: Config, d: C.Dist) -> dict:
         tot = C.all_reduce_sum(sums, d).tolist()
         log.log(step, {"rm_loss": tot[0], "rm_train_acc": tot[1] / cfg.rm_batch_pairs, "grad_norm": gn, "lr": lr})
     log.close()
-    acc1 = rm_accuracy(rm, test, tok.pad_token_id, d.device, d)
+    acc1 = rm_accuracy(rm, test, tok.pad_token_id, d.device, d, dtype)
     out = Path(cfg.out_dir) / "reward_model"
     save_scalar_model(rm, tok, out, d)
     res = {"rm_test_acc_before": acc0, "rm_test_acc_after": acc1, "n_train": len(train), "n_test": len(test)}

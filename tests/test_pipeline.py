@@ -65,6 +65,10 @@ def test_pipeline_chains_stages_writes_report_and_continues(tmp_path, capsys):
     rm_row = next(x for x in report.splitlines() if x.startswith("| 4 reward model | pairwise acc"))
     assert all(0.0 <= float(c) <= 1.0 for c in rm_row.strip("|").split("|")[2:4]), rm_row
     assert "- Reward model (stage 4, on the student): held-out pairwise accuracy" in report
+    assert "- Held-out math, stage by stage" in report and "- Self-correction of the last model (after 4 RL)" in report
+    rl = [x for x in report.splitlines() if x.startswith("| 4 RL 1_stem |")]  # per sub-stage: its eval and reward
+    assert any("math_acc (RL's own eval, n = 1, one greedy answer)" in x for x in rl), rl
+    assert any("reward_mean, first -> last step" in x for x in rl), rl
     # run again after "losing" stage 4: stages 1-3 are skipped, only 4 runs (its time adds up) and is evaluated again
     import shutil
     shutil.rmtree(out / "4_rl" / "final")
@@ -77,6 +81,23 @@ def test_pipeline_chains_stages_writes_report_and_continues(tmp_path, capsys):
     assert t2["4_rl"] > t1["4_rl"] and t2["1_cold_start_sft"] == t1["1_cold_start_sft"]
     assert t2["eval_4_rl"] > t1["eval_4_rl"] and t2["eval_3_distill"] == t1["eval_3_distill"]
     assert t2["4_reward_model"] == t1["4_reward_model"]                  # its reward model was kept
+
+
+def test_math_checks_name_each_stage_against_its_goal():
+    row = lambda acc, first=None: {"math_acc": acc, "math_acc_first": acc if first is None else first}  # noqa: E731
+    rows = [("start (embedded)", row(0.01)), ("after 1 cold-start SFT", row(0.16)), ("after 2 overall SFT", row(0.07)),
+            ("after 3 distill (student)", row(0.05)), ("after 4 RL", row(0.05, first=0.06))]
+    math, corr = pipeline.math_checks(rows)
+    assert "stage 1 cold-start SFT 0.010 -> 0.160 (up)" in math
+    assert "stage 2 overall SFT 0.160 -> 0.070 (kept)" in math             # -0.09: inside the 0.10 margin
+    assert "stage 3 distill (student) 0.070 -> 0.050 (kept)" in math
+    assert "stage 4 RL 0.050 -> 0.050 (NOT up)" in math and "(WORSE)" in corr
+    worse = rows[:2] + [("after 2 overall SFT", row(0.04))]                 # -0.12: beyond it
+    assert "(lost 0.120, BEYOND the margin)" in pipeline.math_checks(worse)[0]
+    assert "(no worse)" in pipeline.math_checks(rows[:2])[1]
+    assert pipeline.math_checks([]) == []
+    s2 = load_script("02_overall_sft.py", "s2_for_math_margin")                # one margin, two places
+    assert pipeline.MATH_MARGIN == s2.Config().math_margin
 
 
 def test_a_failing_stage_stops_the_pipeline_with_a_clear_message(tmp_path):

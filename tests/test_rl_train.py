@@ -287,6 +287,25 @@ def _toy_prefs(path, n, seed):
             f.write(json.dumps({"prompt": q, "chosen": good, "rejected": bad}) + "\n")
 
 
+def test_rm_accuracy_in_length_order_equals_each_pair_scored_alone():
+    """rm_accuracy batches the pairs in order of length: the count must equal a naive loop that
+    scores each chosen and rejected sequence alone, unpadded (fp32), whatever order the file has."""
+    torch.manual_seed(5)
+    lm, tok = M.load_model_and_tokenizer("tiny")
+    rm = rl.ScalarHeadModel(lm).eval()
+    g = torch.Generator().manual_seed(0)
+    rand = lambda: torch.randint(5, 200, (int(torch.randint(3, 40, (1,), generator=g)),), generator=g).tolist()  # noqa: E731
+    pairs = [(rand(), rand()) for _ in range(13)]
+    d = C.Dist()
+    with torch.no_grad():
+        alone = [float(rm(torch.tensor([c]), torch.arange(len(c))[None])[0, -1] >
+                       rm(torch.tensor([j]), torch.arange(len(j))[None])[0, -1]) for c, j in pairs]
+    assert 0 < sum(alone) < len(pairs)  # both outcomes occur: the check can fail
+    for batch in (1, 4, 8):
+        acc = rl.rm_accuracy(rm, pairs, tok.pad_token_id, d.device, d, torch.float32, batch=batch)
+        assert acc == pytest.approx(sum(alone) / len(pairs)), batch
+
+
 def test_reward_model_bradley_terry_then_pref_stage(tmp_path):
     _toy_prefs(tmp_path / "tr.jsonl", 64, 0)
     _toy_prefs(tmp_path / "te.jsonl", 32, 1)
