@@ -672,3 +672,19 @@ def test_bf16_compute_really_runs_in_bf16(files, tmp_path, monkeypatch):
     D3.main(args)
     assert seen["teacher_torch.bfloat16"] > 0 and seen["student_torch.bfloat16"] > 0, seen
     assert seen["teacher_torch.float32"] == 0 and seen["student_torch.float32"] == 0, seen
+
+
+def test_all_on_policy_without_sequence_terms_asks_the_teacher_for_no_responses(files, tmp_path, monkeypatch):
+    """--lmbda 1 --gamma 0 (the pipeline's stage 3): every step samples the student, so the teacher's
+    greedy responses would be generated for nothing: they are not, and every step still trains."""
+    def never(*a, **k):
+        raise AssertionError("teacher_responses called at --lmbda 1 --gamma 0")
+    monkeypatch.setattr(D3, "teacher_responses", never)
+    D3.main(cli(files, tmp_path / "onpol", "--max_steps", "3", "--lmbda", "1", "--gamma", "0", "--divergence", "rkl"))
+    steps = [r for r in metrics(tmp_path / "onpol") if "loss" in r]
+    assert [r["on_policy"] for r in steps] == [1, 1, 1] and all(r["kd_tokens"] > 0 for r in steps)
+    assert all(math.isfinite(r["kd_div"]) and "seqkd_ce" not in r for r in steps)
+    assert not (tmp_path / "onpol" / "teacher_responses.jsonl").exists()
+    monkeypatch.undo()  # with a sequence-level term on, the responses are needed again
+    D3.main(cli(files, tmp_path / "seq", "--max_steps", "1", "--lmbda", "1", "--pref_prompts", "0"))
+    assert (tmp_path / "seq" / "teacher_responses.jsonl").exists()
