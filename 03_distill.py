@@ -1164,7 +1164,7 @@ def step_data(step: int, student, tok, train: dict, pairs: list[dict], cfg: Conf
     else:
         kd = [train["off"][t["id"]] for t in tasks]
     ce = None if (not on and cfg.offpolicy == "teacher") else \
-        [train["seqkd"][t["id"]] for t in tasks if t["id"] in train["seqkd"]]  # none at --lmbda 1 --gamma 0
+        [train["seqkd"][t["id"]] for t in tasks] if train["seqkd"] else []  # [] at --lmbda 1 --gamma 0
     step_pairs = []
     if pairs and cfg.gamma * cfg.dpo_weight > 0:
         step_pairs = [pairs[i] for i in C.epoch_stream_indices(len(pairs), step * cfg.pairs_per_step,
@@ -1342,9 +1342,7 @@ def prepare_data(cfg: Config, teacher, tok, kd: KD, d, dtype, t_id: str, skipped
     and counted. At --lmbda 1 with no sequence-level term every step trains on fresh student samples
     and no step reads the teacher's responses: they are not generated (~35 s of the pipeline's stage 3)."""
     tasks = load_tasks(cfg.prompts, tok, cfg.prompt_limit, cfg.max_prompt_len, skipped, "prompts")
-    if cfg.lmbda >= 1 and cfg.gamma == 0:
-        if not tasks:
-            raise C.DataError(f"no training prompt in {cfg.prompts}")
+    if cfg.lmbda >= 1 and cfg.gamma == 0:  # (load_tasks has already refused an empty task list)
         C.print0(f"{len(tasks)} training prompts; every step on-policy (--lmbda 1, --gamma 0): no teacher responses")
         return {"tasks": tasks, "responses": {}, "seqkd": {}, "off": {}}
     responses = teacher_responses(teacher, tok, tasks, cfg, d, dtype, t_id)
