@@ -1090,16 +1090,20 @@ def micro_batch_args(ro: Rollout, mb: list[int], cfg: Config, tok, d: C.Dist) ->
 
 
 def forward_old(policy, ref, critic, ro: Rollout, cfg: Config, tok, d: C.Dist, dtype, need_old: bool,
-                use_ref: bool, shared_values: bool) -> dict[str, torch.Tensor]:
+                use_ref: bool, shared_values: bool, mask: torch.Tensor) -> dict[str, torch.Tensor]:
     """old_logp, ref_logp, old_values [n, T] of the rollout under the current policy, the frozen
-    reference and the critic, micro-batch by micro-batch, without gradients (zeros where unused)."""
+    reference and the critic, micro-batch by micro-batch, without gradients (zeros where unused).
+    Rows whose loss mask `mask` [n, T] is all 0 (truncated under --overlong masked) are not run:
+    every use of these tensors is multiplied by the row's mask (`rows_to_run` pads the live rows
+    to the same number of micro-batches on every rank, as FSDP2's collectives need)."""
     n, T = ro.tokens.shape
     out = {"old_logp": torch.zeros(n, T), "ref_logp": torch.zeros(n, T), "old_values": torch.zeros(n, T)}
     if not (need_old or use_ref):
         return out
+    rows = rows_to_run(list(range(n)), mask, mask, False, cfg.micro_batch_size, d)
     with torch.no_grad(), C.fwd_context(policy, d, dtype):
-        for i in range(0, n, cfg.micro_batch_size):
-            mb = list(range(i, min(i + cfg.micro_batch_size, n)))
+        for i in range(0, len(rows), cfg.micro_batch_size):
+            mb = rows[i:i + cfg.micro_batch_size]
             Tm, args = micro_batch_args(ro, mb, cfg, tok, d)
             if need_old:
                 o = response_forward(policy, *args, return_values=shared_values)
@@ -1145,7 +1149,8 @@ def score(ro: Rollout, policy, ref, critic, cfg: Config, kind: str, tok, d: C.Di
     shared_values = cfg.algo == "ppo" and cfg.critic == "head"
     need_old = not single_update(cfg)
     b = {"mask": rollout_mask(ro.lengths, ro.finished, T, cfg.overlong), "use_ref": use_ref}
-    b.update(forward_old(policy, ref, critic, ro, cfg, tok, d, dtype, need_old, use_ref, shared_values))
+    b.update(forward_old(policy, ref, critic, ro, cfg, tok, d, dtype, need_old, use_ref, shared_values,
+                         b["mask"]))
     task_reward = ro.rewards.clone()
     if kind == "pref" and cfg.rm_norm != "none":  # reward-model scores have no fixed scale
         s = C.all_reduce_dict({"s": ro.rewards.sum(), "s2": (ro.rewards ** 2).sum(), "c": n}, d)

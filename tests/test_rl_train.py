@@ -205,6 +205,41 @@ def test_update_skips_rows_without_gradient_exactly(kl_coef):
     torch.testing.assert_close(weights[0], weights[1], atol=1e-6, rtol=0)
 
 
+def test_old_and_ref_forwards_skip_rows_the_loss_masks_out():
+    """forward_old runs the policy and the reference only over rows with a trained token: the
+    log-probs of those rows are those of a pass over every row (fp32), the masked rows stay 0
+    (every use of them is multiplied by the mask), and fewer micro-batches ran."""
+    import copy
+    torch.manual_seed(0)
+    lm, tok = M.load_model_and_tokenizer("tiny")
+    policy = rl.ActorCritic(lm)
+    ref = copy.deepcopy(policy).eval()
+    items = [{"prompt_ids": p, "row": {"k": i}} for i, p in enumerate(_prompts(tok, 3))]
+
+    def reward_fn(its, texts, ids):
+        return [float(len(x)) for x in ids], ["ok"] * len(ids), [{}] * len(ids)
+
+    cfg = _direct_cfg(prompts_per_step=3, max_new_tokens=5, micro_batch_size=2, overlong="masked", kl_coef=0.1)
+    d = C.Dist()
+    ro = rl.rollout(policy, items, reward_fn, cfg, tok, d, torch.float32, 1, 0)
+    n, T = ro.tokens.shape
+    ro.finished[:] = torch.arange(n) % 3 == 0  # two thirds of the rows truncated (masked out)
+    mask = rl.rollout_mask(ro.lengths, ro.finished, T, "masked")
+    calls = []
+    ref.register_forward_hook(lambda *a: calls.append(1))
+    outs = [rl.forward_old(policy, ref, None, ro, cfg, tok, d, torch.float32, True, True, False, m)
+            for m in (mask, torch.ones(n, T))]
+    live = mask.any(1)
+    assert 0 < live.sum() < n
+    for key in ("old_logp", "ref_logp"):
+        assert (outs[0][key][~live] == 0).all()
+        torch.testing.assert_close(outs[0][key][live] * mask[live], outs[1][key][live] * mask[live],
+                                   atol=1e-5, rtol=0)
+        assert (outs[1][key][live] * mask[live]).abs().sum() > 0
+    n_live_mb = -(-int(live.sum()) // cfg.micro_batch_size)
+    assert len(calls) == n_live_mb + -(-n // cfg.micro_batch_size)  # skipped, then every row
+
+
 def test_s2r_process_advantages_in_the_loop(tmp_path):
     def reward_fn(items, texts, ids):  # pretend every response is attempt + verification
         infos = [{"steps": [{"kind": "attempt", "start": 0, "end": 1, "reward": float(x[0] % 2)},
@@ -401,13 +436,17 @@ def test_ppo_separate_critic_one_process_equals_two_processes(tmp_path):
 
 
 @pytest.mark.slow
-def test_one_process_accum2_equals_two_processes(tmp_path):
+@pytest.mark.parametrize("overlong", ["none", "masked"])
+def test_one_process_accum2_equals_two_processes(tmp_path, overlong):
     """One GRPO update (with a sharded reference model and KL in the loss): 1 process with 2
-    micro-batches vs 2 processes with 1 each, the same reproducible rollouts; compare weights."""
+    micro-batches vs 2 processes with 1 each, the same reproducible rollouts; compare weights.
+    masked: the truncated rows are left out of the reference's forward (`forward_old`) and of
+    the update, a different number on each rank, padded to the same micro-batch count."""
     from safetensors.torch import load_file
     args = TINY + ["--stages", f"toy:{ROOT}/data/math_train.jsonl:1", "--max_new_tokens", "6",
                    "--prompts_per_step", "2", "--group_size", "4", "--micro_batch_size", "4", "--lr", "1e-3",
-                   "--kl_coef", "0.1", "--reproducible_rollouts", "true"]
+                   "--kl_coef", "0.1", "--reproducible_rollouts", "true", "--overlong", overlong,
+                   "--stop_strings", "e"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     script = os.path.join(ROOT, "04_rl.py")
     subprocess.run([sys.executable, script, *args, "--out_dir", str(tmp_path / "w1")], cwd=ROOT, env=env,
@@ -417,6 +456,7 @@ def test_one_process_accum2_equals_two_processes(tmp_path):
     m1, m2 = _metrics(tmp_path / "w1")[0], _metrics(tmp_path / "w2")[0]
     assert m1["reward_mean"] == m2["reward_mean"] and m1["reward_mean"] > 0
     assert m1["grad_norm"] == pytest.approx(m2["grad_norm"], rel=1e-5)
+    assert 0 < m1["truncated_frac"] < 1  # some rows are truncated (masked out), some are trained
     a = load_file(tmp_path / "w1" / "final" / "model.safetensors")
     b = load_file(tmp_path / "w2" / "final" / "model.safetensors")
     init = M.load_model_and_tokenizer("tiny")[0].state_dict()
