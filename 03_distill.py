@@ -1163,8 +1163,12 @@ def step_data(step: int, student, tok, train: dict, pairs: list[dict], cfg: Conf
         kd = on_policy_samples(student, tok, tasks, cfg, d, dtype, step)
     else:
         kd = [train["off"][t["id"]] for t in tasks]
-    ce = None if (not on and cfg.offpolicy == "teacher") else \
-        [train["seqkd"][t["id"]] for t in tasks] if train["seqkd"] else []  # [] at --lmbda 1 --gamma 0
+    if not on and cfg.offpolicy == "teacher":
+        ce = None
+    elif train["seqkd"]:
+        ce = [train["seqkd"][t["id"]] for t in tasks]
+    else:  # --lmbda 1 --gamma 0: prepare_data generated no teacher responses
+        ce = []
     step_pairs = []
     if pairs and cfg.gamma * cfg.dpo_weight > 0:
         step_pairs = [pairs[i] for i in C.epoch_stream_indices(len(pairs), step * cfg.pairs_per_step,

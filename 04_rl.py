@@ -1100,7 +1100,7 @@ def forward_old(policy, ref, critic, ro: Rollout, cfg: Config, tok, d: C.Dist, d
     out = {"old_logp": torch.zeros(n, T), "ref_logp": torch.zeros(n, T), "old_values": torch.zeros(n, T)}
     if not (need_old or use_ref):
         return out
-    rows = rows_to_run(list(range(n)), mask, mask, False, cfg.micro_batch_size, d)
+    rows = rows_to_run(list(range(n)), mask, mask, False, cfg.micro_batch_size, d)  # pg_only False: adv unread
     with torch.no_grad(), C.fwd_context(policy, d, dtype):
         for i in range(0, len(rows), cfg.micro_batch_size):
             mb = rows[i:i + cfg.micro_batch_size]

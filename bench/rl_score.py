@@ -52,7 +52,7 @@ def main(argv=None) -> None:
     C.set_seed(cfg.seed)
     dtype = C.resolve_dtype(cfg.precision, d.device)
     rcfg = rl.Config(model=cfg.model, prompts_per_step=cfg.prompts_per_step, group_size=cfg.group_size,
-                     max_new_tokens=cfg.max_new_tokens, overlong="masked", math_instruction="", kl_coef=0.02)
+                     max_new_tokens=cfg.max_new_tokens, overlong="masked", math_instruction="")
     lm, tok = M.load_model_and_tokenizer(cfg.model, cfg.seed)
     ref = C.shard_model(M.LogProbModel(copy.deepcopy(lm)).eval().requires_grad_(False), d, dtype)
     policy = C.shard_model(rl.ActorCritic(lm), d, dtype)
