@@ -60,7 +60,7 @@ STAGES = (  # (name, script, flag that takes the previous stage's final/)
 # overfits the 120 responses: held-out KL up, verifier collapsed, 12/100. From an earlier teacher
 # (16/100, 9/24 code) lr 2e-5 kept 16/100 and 1e-4 13/100; 27 layers kept 6/100 (ppl) and 2/100
 # (block), 28 kept 3/100, 24 evenly spaced ~0: the math of this 135M model lives in its middle
-# layers, README "Stage 3"); stage 4 6 GRPO steps of 4 prompts x 8 samples, 128 new tokens, lr 1e-5, the outcome
+# layers, README "Stage 3"); stage 4 6 GRPO steps of 8 prompts x 8 samples, 128 new tokens, lr 1e-5, the outcome
 # reward only, truncated responses masked out of the loss (--overlong masked), its own eval's answers as
 # long as the pipeline eval's (128 tokens: at 64 the reflective answers were cut), the prompts asked as
 # the eval asks them (no answer instruction), and the policy gradient on the attempts only
@@ -70,14 +70,18 @@ STAGES = (  # (name, script, flag that takes the previous stage's final/)
 # (first attempt 15, 15, 14) and kept its verdicts (balanced accuracy 0.67 -> 0.61-0.66). Every
 # variant that let the reward reach the verdicts lost math (5-13/100): most answers are wrong, so
 # the verifier collapses to a constant, "incorrect" (retry until the cap) or, under a length
-# penalty, "correct"; at lr 2e-5 the attempts-only run kept 14 (README "Stage 4").
+# penalty, "correct"; at lr 2e-5 the attempts-only run kept 14 (README "Stage 4"); from the on-policy
+# student of d0a4406 (15/100) 4 prompts a step gave 11, 10, 15, 10 (pipeline run included) and 8
+# prompts 13, 18, 16 (seeds 0-2), for 1.6 more minutes (with 4 prompts, 25-100% of a step's groups,
+# 63% in that run, had one reward for all 8 samples: a step was often taught by one prompt); 8
+# prompts of difficulty <= 3 gave 13, 12, 15.
 STAGE_FLAGS = {1: ["--math_test", "", "--max_steps", "24", "--lr", "1e-4"],
                2: ["--eval_limit", "0", "--code_eval_limit", "0", "--student_layers", "29", "--layer_choice", "block",
                    "--layer_calib", "4",
                    "--lr", "2e-5", "--max_steps", "18", "--prompt_limit", "40", "--gamma", "0",
                    "--lmbda", "1", "--divergence", "rkl", "--speed_repeats", "3"],
                3: ["--stages", "stem:data/math_train.jsonl:6", "--eval_kinds", "stem", "--s2r_reward", "outcome",
-                   "--max_new_tokens", "128", "--lr", "1e-5", "--prompts_per_step", "4", "--group_size", "8",
+                   "--max_new_tokens", "128", "--lr", "1e-5", "--prompts_per_step", "8", "--group_size", "8",
                    "--overlong", "masked", "--math_instruction", "", "--s2r_train", "attempts",
                    "--eval_max_new_tokens", "128"]}
 RM_FLAGS = ["--mode", "train_reward_model", "--rm_steps", "20"]
