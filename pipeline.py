@@ -71,8 +71,9 @@ STAGES = (  # (name, script, flag that takes the previous stage's final/)
 # variant that let the reward reach the verdicts lost math (5-13/100): most answers are wrong, so
 # the verifier collapses to a constant, "incorrect" (retry until the cap) or, under a length
 # penalty, "correct"; at lr 2e-5 the attempts-only run kept 14 (README "Stage 4"); from the on-policy
-# student of d0a4406 (15/100) 4 prompts a step gave 11, 10, 15, 10 (pipeline run included) and 8
-# prompts 13, 18, 16 (seeds 0-2), for 1.6 more minutes (with 4 prompts, 25-100% of a step's groups,
+# student of d0a4406 (15/100) 4 prompts a step gave 11, 10, 15, 17, 14 (seeds 0-4; 10 in the
+# 2976538 pipeline run) and 8 prompts 13, 18, 16, 15, 15 (first attempt 13.6 -> 16.2 on average),
+# for 1.6 more minutes (with 4 prompts, 25-100% of a step's groups,
 # 63% in that run, had one reward for all 8 samples: a step was often taught by one prompt); 8
 # prompts of difficulty <= 3 gave 13, 12, 15.
 STAGE_FLAGS = {1: ["--math_test", "", "--max_steps", "24", "--lr", "1e-4"],
