@@ -153,6 +153,8 @@ def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, eo
     `rows` maps the rows of the shrinking batch to the prompts they answer.
     `model`: a HF causal LM or a M.LogProbModel (its .lm is used); under FSDP2 call this inside
     `gathered_for_generation(root)` so parameters are gathered once.
+    (~85 lines: the decode loop is read as one piece, its state, rows / finished / cache, changing
+    together; prefill, the decode step and the draw are the named functions above.)
     """
     lm = M.hf_model(model)
     device = next(lm.parameters()).device
