@@ -89,6 +89,20 @@ def test_module_layout_common_is_small_and_readme_counts_are_true():
         len((ROOT / f).read_text().splitlines()) for f in stages]
 
 
+def test_readme_names_an_existing_test_for_every_pitfall():
+    """The README's pitfall table has the 21 rows of ../shared/PITFALLS.md, and every test it names
+    is a test function of the file it names (a renamed or deleted test makes the table lie)."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Known pitfalls and the tests that pin them", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| (\d+) \| [^|]+ \| (.+) \|$", section, re.M)
+    assert [int(n) for n, _ in rows] == list(range(1, 22))
+    for n, cited in rows:
+        names = re.findall(r"`(test_\w+\.py)::(test_\w+)`", cited)
+        assert names, n
+        for f, name in names:
+            assert re.search(rf"^def {name}\(", (ROOT / "tests" / f).read_text(), re.M), (n, f, name)
+
+
 def test_seed_for_is_a_pure_function_of_its_parts():
     assert C.seed_for(0, 1, 2) == C.seed_for(0, 1, 2)
     assert len({C.seed_for(0, 1, 2), C.seed_for(0, 2, 1), C.seed_for(1, 1, 2), C.seed_for(0, 1, 3)}) == 4

@@ -50,6 +50,54 @@ def test_importance_ratio_is_one_on_fresh_rollout():
     assert (torch.exp(wrong_t["logp"] - gen.logp)[mask] - 1).abs().max() > 1e-2
 
 
+def test_top_p_draws_from_the_nucleus_and_returns_the_logp_the_trainer_recomputes():
+    """PITFALLS #6. With top_p < 1 the sampler draws from the renormalised nucleus, but the logp it
+    returns is that of the whole processed distribution (temperature only), the one the trainer
+    recomputes: ratio == 1 before any update, as at top_p = 1. The draw's own probability differs
+    from that logp by the nucleus' mass, the off-policy bias `sampler.generate` documents (use
+    top_p = 1 where exact ratios matter)."""
+    torch.manual_seed(0)
+    lm, tok = M.load_model_and_tokenizer("tiny")
+    policy = rl.ActorCritic(lm).eval()
+    prompts = _prompts(tok)
+    T, top_p = 0.7, 0.5
+    gen = S.generate(policy, prompts, 12, eos_ids=tok.eos_token_id, pad_id=tok.pad_token_id, temperature=T,
+                     top_p=top_p, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = rl.response_forward(policy, prompts, gen.tokens, gen.lengths, tok.pad_token_id, T, torch.device("cpu"))
+    mask = rl.rollout_mask(gen.lengths, gen.finished, gen.tokens.shape[1], "none").bool()
+    assert mask.sum() > 20
+    assert (torch.exp(out["logp"] - gen.logp)[mask] - 1).abs().max() < 1e-5
+    dropped = []  # -log(nucleus mass) of every step: what the returned logp leaves out
+    for i, p in enumerate(prompts):
+        n = int(gen.lengths[i])
+        with torch.no_grad():
+            logits = lm(input_ids=torch.tensor([p + gen.tokens[i, :n].tolist()])).logits[0]
+        probs = (logits[len(p) - 1:len(p) - 1 + n].double() / T).softmax(-1)
+        for t in range(n):
+            pt = probs[t, gen.tokens[i, t]]
+            assert probs[t][probs[t] > pt].sum() <= top_p + 1e-4  # the drawn token is inside the nucleus
+            ranked = probs[t].sort(descending=True).values
+            mass = ranked[:int((ranked.cumsum(0) - ranked < top_p).sum())].sum()
+            dropped.append(-float(mass.log()))
+    assert max(dropped) > 0.1  # the cut was real: the returned logp is not the draw's own probability
+
+
+def test_sampler_trainer_mismatch_is_logged_every_step(tmp_path):
+    """PITFALLS #19: every step logs `logp_diff_sampler`, the mean |trainer logp - sampler logp| over
+    the trained tokens. fp32: 0 to rounding (the sampler is the model itself). bf16, where native: the
+    sampler's bf16 copy of the weights and the trainer's autocast disagree, and the log shows it
+    (`--tis_cap` corrects for it; its loss is tested in test_rl_losses)."""
+    def reward_fn(items, texts, ids):
+        return [float(len(x) + x[0] % 3) for x in ids], ["ok"] * len(ids), [{}] * len(ids)
+
+    res, _ = _run_direct(tmp_path / "fp32", _direct_cfg(max_steps=2), reward_fn)
+    assert [0 <= h["logp_diff_sampler"] < 1e-5 for h in res["history"]] == [True, True]
+    if C.cpu_has_native_bf16():
+        res, _ = _run_direct(tmp_path / "bf16", _direct_cfg(max_steps=2), reward_fn, dtype=torch.bfloat16)
+        assert [h["logp_diff_sampler"] > 1e-4 for h in res["history"]] == [True, True]
+
+
 def test_packed_response_forward_equals_each_sample_alone():
     """response_forward packs the rollout (rl.pack_rollout: several samples per row, position ids
     restarting per sample): logp, entropy and values of every response token equal those of the
@@ -117,13 +165,13 @@ def _direct_cfg(**kw):
     return rl.Config(**base)
 
 
-def _run_direct(tmp_path, cfg, reward_fn, kind="toy", n_prompts=4):
+def _run_direct(tmp_path, cfg, reward_fn, kind="toy", n_prompts=4, dtype=torch.float32):
     lm, tok = M.load_model_and_tokenizer("tiny")
     policy = rl.ActorCritic(lm)
     items = [{"prompt_ids": p, "row": {"k": i}} for i, p in enumerate(_prompts(tok, n_prompts))]
     d = C.Dist()
     log = C.MetricsLogger(tmp_path, d, cfg.max_steps)
-    return rl.rl_train(cfg, kind, policy, None, items, reward_fn, tok, d, torch.float32, log, 1, 0), tok
+    return rl.rl_train(cfg, kind, policy, None, items, reward_fn, tok, d, dtype, log, 1, 0), tok
 
 
 def test_token_ids_carried_end_to_end(tmp_path):
