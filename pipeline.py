@@ -43,39 +43,28 @@ STAGES = (  # (name, script, flag that takes the previous stage's final/)
     ("3_distill", "03_distill.py", "--teacher"),
     ("4_rl", "04_rl.py", "--model"),
 )
-# Flags the pipeline gives a stage before the user's --stageN flags. Stages 2 and 3 skip their own
-# math (and code) evals: the pipeline's eval of every final/ measures each model on the same
-# questions; stage 2 keeps its agent eval, stage 3 its KL and speed. The rest fits the 20-minute
-# budget (README): stage 2 24 steps at lr 1e-4 (12 steps at 2e-4 kept 3 of stage 1's 9/40 math
-# and reached 34% agent success; 24 at 1e-4 kept 7/40, code 9/24, agent success 44%: measured);
-# stage 3 a 29-layer student, the one layer whose input and output hidden states are closest in
-# angle dropped (--layer_choice block: layer 3), lr 2e-5, 18 steps, 40 prompts per source, the
-# token-level reverse KL on the student's own samples (--lmbda 1 --divergence rkl: on-policy
-# distillation; from the 22/100 teacher of d157126 it kept 15/100, first attempt 14, balanced verdict
-# accuracy 0.63, in 6.0 min, where the forward KL on the teacher's responses kept 11/100 in 3.7 min;
-# GKD's mix, --lmbda 0.5 --divergence jsd, 15/100 too), no sequence-level terms (--gamma 0: from
-# the 22/100 teacher of the 92665fd run, token level kept a real verifier, balanced 0.58, 11/100, in 3.8 min;
-# with seq-KD 0.59 but it says "correct" to most answers, 13/100; seq-KD + DPO on 16 pairs, the
-# pipeline's until then, 0.50 (a constant verifier), 10/100, in 6.2 min; token level at lr 1e-4
-# overfits the 120 responses: held-out KL up, verifier collapsed, 12/100. From an earlier teacher
-# (16/100, 9/24 code) lr 2e-5 kept 16/100 and 1e-4 13/100; 27 layers kept 6/100 (ppl) and 2/100
-# (block), 28 kept 3/100, 24 evenly spaced ~0: the math of this 135M model lives in its middle
-# layers, README "Stage 3"); stage 4 6 GRPO steps of 8 prompts x 8 samples, 128 new tokens, lr 1e-5, the outcome
-# reward only, truncated responses masked out of the loss (--overlong masked), its own eval's answers as
-# long as the pipeline eval's (128 tokens: at 64 the reflective answers were cut), the prompts asked as
-# the eval asks them (no answer instruction), and the policy gradient on the attempts only
-# (--s2r_train attempts: the verifications keep what SFT taught), and, before them, a
-# Bradley-Terry reward model (20 steps) on the student (RM_FLAGS), measured on held-out pairs.
-# From that student (16/100, first attempt 13) these flags gave 18, 15 and 16/100 with seeds 0-2
-# (first attempt 15, 15, 14) and kept its verdicts (balanced accuracy 0.67 -> 0.61-0.66). Every
-# variant that let the reward reach the verdicts lost math (5-13/100): most answers are wrong, so
-# the verifier collapses to a constant, "incorrect" (retry until the cap) or, under a length
-# penalty, "correct"; at lr 2e-5 the attempts-only run kept 14 (README "Stage 4"); from the on-policy
-# student of d0a4406 (15/100) 4 prompts a step gave 11, 10, 15, 17, 14 (seeds 0-4; 10 in the
-# 2976538 pipeline run) and 8 prompts 13, 18, 16, 15, 15 (first attempt 13.6 -> 16.2 on average),
-# for 1.6 more minutes (with 4 prompts, 25-100% of a step's groups,
-# 63% in that run, had one reward for all 8 samples: a step was often taught by one prompt); 8
-# prompts of difficulty <= 3 gave 13, 12, 15.
+# Flags the pipeline gives a stage before the user's --stageN flags (so the user's flags win). What
+# each is for; the runs behind them are in the README section of each stage.
+# - Stages 2 and 3 skip their own math and code evals: the pipeline's one eval measures every final/
+#   on the same questions. Stage 2 keeps its agent eval, stage 3 its KL and decoding speed.
+# - Stage 2: 24 steps at lr 1e-4. 12 at 2e-4 kept less of stage 1's math and taught less tool use
+#   (3/40 and 34% agent success against 7/40 and 44%: README "Stage 2").
+# - Stage 3: a 29-layer student, the teacher without the one layer whose input and output hidden
+#   states are closest in angle (--layer_choice block). It learns on-policy only (--lmbda 1
+#   --divergence rkl: it samples, and learns the reverse KL to the teacher on its own tokens), at
+#   lr 2e-5 for 18 steps, with no sequence-level terms (--gamma 0: with them its verifier turned
+#   into a constant). From the 22/100 teacher it kept 15/100, where training on the teacher's
+#   responses kept 11. Smaller students lost the math, which lives in this 135M model's middle
+#   layers (README "Stage 3").
+# - Stage 4: a Bradley-Terry reward model first (RM_FLAGS), then 6 GRPO steps of 8 prompts x 8
+#   samples. Responses get 128 new tokens (the eval's length: at 64 the reflective answers were
+#   cut), lr 1e-5, the outcome reward only, and truncated responses are masked out of the loss.
+#   The prompts are asked as the eval asks them, and the policy gradient reaches the attempts only
+#   (--s2r_train attempts). Every variant that let the reward reach the verdicts turned the verifier
+#   into a constant and lost math. From the on-policy student (15/100), seeds 0-4 gave 13, 18, 16,
+#   15, 15 with 8 prompts a step, against 11, 10, 15, 17, 14 with 4: a gain suggested, not shown
+#   (README "Stage 4").
+# Keys are indices into STAGES: 1 is stage 2, 2 stage 3, 3 stage 4 (stage 1 runs on its defaults).
 STAGE_FLAGS = {1: ["--math_test", "", "--max_steps", "24", "--lr", "1e-4"],
                2: ["--eval_limit", "0", "--code_eval_limit", "0", "--student_layers", "29", "--layer_choice", "block",
                    "--layer_calib", "4",
