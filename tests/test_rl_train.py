@@ -3,6 +3,7 @@ sampled EOS kept in the mask with pad == eos (#7, #8), token ids carried end to 
 dynamic sampling (#3), GRPO and PPO learning a toy task with a known optimum, the Bradley-Terry
 reward model, and 1 process x accumulation 2 == 2 processes x accumulation 1 (#1)."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import common as C  # noqa: E402
 import models as M  # noqa: E402
 import sampler as S  # noqa: E402
 from stage_scripts import killed_at_log, load_script  # noqa: E402
+from test_common import naive_top_p_keep  # noqa: E402
 
 rl = load_script("04_rl.py", "rl04")
 TINY = ["--model", "tiny", "--precision", "fp32", "--resume", "false", "--eval_kinds"]
@@ -77,25 +79,29 @@ def test_top_p_draws_from_the_nucleus_and_returns_the_logp_the_trainer_recompute
         for t in range(n):
             pt = probs[t, gen.tokens[i, t]]
             assert probs[t][probs[t] > pt].sum() <= top_p + 1e-4  # the drawn token is inside the nucleus
-            ranked = probs[t].sort(descending=True).values
-            mass = ranked[:int((ranked.cumsum(0) - ranked < top_p).sum())].sum()
-            dropped.append(-float(mass.log()))
+            mass = sum(probs[t, j].item() for j in naive_top_p_keep(probs[t].tolist(), top_p))
+            dropped.append(-math.log(mass))
     assert max(dropped) > 0.1  # the cut was real: the returned logp is not the draw's own probability
+
+
+def _length_reward(items, texts, ids):  # rewards that differ within a group, so every step trains
+    return [float(len(x) + x[0] % 3) for x in ids], ["ok"] * len(ids), [{}] * len(ids)
 
 
 def test_sampler_trainer_mismatch_is_logged_every_step(tmp_path):
     """PITFALLS #19: every step logs `logp_diff_sampler`, the mean |trainer logp - sampler logp| over
-    the trained tokens. fp32: 0 to rounding (the sampler is the model itself). bf16, where native: the
-    sampler's bf16 copy of the weights and the trainer's autocast disagree, and the log shows it
-    (`--tis_cap` corrects for it; its loss is tested in test_rl_losses)."""
-    def reward_fn(items, texts, ids):
-        return [float(len(x) + x[0] % 3) for x in ids], ["ok"] * len(ids), [{}] * len(ids)
-
-    res, _ = _run_direct(tmp_path / "fp32", _direct_cfg(max_steps=2), reward_fn)
+    the trained tokens. fp32: 0 to rounding (the sampler is the model itself); bf16: the next test
+    (`--tis_cap` corrects that mismatch; its loss is tested in test_rl_losses)."""
+    res, _ = _run_direct(tmp_path, _direct_cfg(max_steps=2), _length_reward)
     assert [0 <= h["logp_diff_sampler"] < 1e-5 for h in res["history"]] == [True, True]
-    if C.cpu_has_native_bf16():
-        res, _ = _run_direct(tmp_path / "bf16", _direct_cfg(max_steps=2), reward_fn, dtype=torch.bfloat16)
-        assert [h["logp_diff_sampler"] > 1e-4 for h in res["history"]] == [True, True]
+
+
+@pytest.mark.skipif(not C.cpu_has_native_bf16(), reason="this CPU has no native bf16 (AVX512-BF16 / AMX)")
+def test_bf16_sampler_trainer_mismatch_shows_in_the_log(tmp_path):
+    """PITFALLS #19, the bf16 half: the sampler's bf16 copy of the weights and the trainer's autocast
+    disagree, and `logp_diff_sampler` shows it at every step."""
+    res, _ = _run_direct(tmp_path, _direct_cfg(max_steps=2), _length_reward, dtype=torch.bfloat16)
+    assert [h["logp_diff_sampler"] > 1e-4 for h in res["history"]] == [True, True]
 
 
 def test_packed_response_forward_equals_each_sample_alone():
