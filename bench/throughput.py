@@ -61,6 +61,8 @@ class Config:
     temperature: float = C.arg(0.7, "generate: sampling temperature (0 = greedy)")
     prompts: str = C.arg("data/math_test.jsonl", "generate: questions {question} used as the prompts")
     repeats: int = C.arg(3, "generate: timed generate calls (median reported)")
+    pack_weights: bool = C.arg(True, "generate: the decode step's oneDNN-packed bf16 weights on CPU "
+                                     "(sampler.PACK_WEIGHTS; false: the plain products, for A/B timing)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -254,6 +256,7 @@ def main(argv=None):
     dev = d.device
     dtype = C.resolve_dtype(cfg.precision, dev)
     C.set_seed(cfg.seed)
+    S.PACK_WEIGHTS = cfg.pack_weights
     print(f"device {dev}  compute dtype {dtype}  threads {torch.get_num_threads()}  "
           f"native bf16 on this CPU: {C.cpu_has_native_bf16()}", flush=True)
 

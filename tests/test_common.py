@@ -968,3 +968,35 @@ def test_llama_decode_step_matches_hf_bf16_and_follows_weight_refreshes(tok, lm)
     assert torch.equal(fast2.tokens[:, :6], slow2.tokens[:, :6])
     torch.testing.assert_close(fast2.logp[:, :6], slow2.logp[:, :6], atol=0.05, rtol=0)
     assert (fast2.logp[:, :6] - fast.logp[:, :6]).abs().max() > 0.05  # the refresh reached the engine
+
+
+@pytest.mark.skipif(not C.cpu_has_native_bf16(), reason="the oneDNN-packed weights are used only where the CPU has native bf16")
+def test_packed_decode_weights_give_the_plain_products_bit_for_bit_and_follow_refreshes(tok, lm):
+    """LlamaDecodeStep.repack: the GEMMs through the oneDNN-packed weights give exactly the tokens
+    and log-probs of the plain products (x @ w.t()), before and after the master weights move (a
+    stale packed copy would sample from the old weights)."""
+    d = C.Dist()
+    wrapped = M.LogProbModel(lm)
+    prompts = [tok("Hello there, how are", add_special_tokens=False)["input_ids"],
+               tok("Two plus", add_special_tokens=False)["input_ids"]]
+
+    def packed_and_plain():
+        with S.sampling_model(wrapped, d, torch.bfloat16) as m:
+            engine = S._ENGINES[m]
+            assert len(engine.packed) == 4 * len(engine.layers) + 1  # q|k|v, o, gate|up, down; the head
+            gen = torch.Generator().manual_seed(0)
+            packed = S.generate(m, prompts, 12, [], tok.pad_token_id, temperature=1.0, generator=gen)
+            kept, engine.packed = engine.packed, {}
+            try:
+                gen = torch.Generator().manual_seed(0)
+                plain = S.generate(m, prompts, 12, [], tok.pad_token_id, temperature=1.0, generator=gen)
+            finally:
+                engine.packed = kept
+        assert torch.equal(packed.tokens, plain.tokens) and torch.equal(packed.logp, plain.logp)
+        return packed
+    before = packed_and_plain()
+    with torch.no_grad():
+        for p_ in lm.parameters():
+            p_.mul_(1.5)
+    after = packed_and_plain()
+    assert (after.logp - before.logp).abs().max() > 0.05  # the weights moved, and the packed copy with them
