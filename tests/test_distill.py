@@ -651,7 +651,12 @@ def test_torchrun_two_processes_equal_one_with_accumulation(files, tmp_path):
             assert y[k] == pytest.approx(x[k], rel=1e-5, abs=1e-7), k
     a = load_file(tmp_path / "one" / "final" / "model.safetensors")
     b = load_file(tmp_path / "two" / "final" / "model.safetensors")
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    # One Adam step moves a weight by up to ~lr (2e-3), so a normalisation or mixing bug moves many
+    # by a sizeable fraction of it; rounding moves almost none past 1e-6, and the few it does are
+    # weights whose gradient is near Adam's eps, where g / (|g| + eps) magnifies it (one embedding
+    # weight by 1.1e-5 = 0.6% of lr on an AMX host).
+    diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    assert diff.max() < 1e-2 * 2e-3 and (diff > 1e-6).float().mean() < 1e-4, (diff.max(), (diff > 1e-6).sum())
     two = json.loads((tmp_path / "two" / "eval_summary.json").read_text())
     assert two["start"]["heldout_kl"] == pytest.approx(one["start"]["heldout_kl"], rel=1e-5)
 
