@@ -23,8 +23,10 @@ conversation, tool use and code: STAGE2_MIXTURE),
 """
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
+import platform
 import shlex
 import shutil
 import subprocess
@@ -32,6 +34,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 import common as C
 import models as M
@@ -150,13 +154,33 @@ def eval_command(cfg: Config, model: str, out_dir: Path) -> list[str]:
             "--device", cfg.device, *EVAL_FLAGS, *shlex.split(cfg.eval)]
 
 
+def machine() -> str:
+    """What runs the pipeline, for the report: CPU (and its bf16 instructions), GPUs, library versions
+    and commit. Why: in bf16 two CPUs' GEMM kernels round differently (AMX vs AVX512-BF16), so the
+    same code and seeds give other figures on another machine (README); a run's figures belong to it."""
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    cpu = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if ln.startswith("model name")),
+               platform.processor() or platform.machine())
+    flags = next((ln.split(":", 1)[1].split() for ln in cpuinfo.splitlines() if ln.startswith("flags")), [])
+    isa = [f for f in ("amx_bf16", "avx512_bf16", "avx2") if f in flags]
+    gpu = (f", {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "")
+    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    commit = git("rev-parse", "--short", "HEAD") or "not a git checkout"
+    dirty = " with uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else ""
+    return (f"{cpu}, {os.cpu_count()} cores ({', '.join(isa) or 'no AVX2'}){gpu}; torch {torch.__version__}, "
+            f"transformers {importlib.metadata.version('transformers')}; commit {commit}{dirty}")
+
+
 def run(cmd: list[str], what: str, timings: dict, tfile: Path, env=None) -> None:
-    """Run one command, add its minutes to timings[what] (kept on disk), stop the pipeline on failure."""
+    """Run one command, add its minutes to timings[what] and the machine to machines.json[what] (kept
+    on disk: a resumed run may go on elsewhere), stop the pipeline on failure."""
     print(f"[pipeline] {what}: {shlex.join(cmd)}", flush=True)
     t0 = time.time()
     rc = subprocess.run(cmd, cwd=ROOT, env=env).returncode
     timings[what] = timings.get(what, 0.0) + (time.time() - t0) / 60
     tfile.write_text(json.dumps(timings, indent=1))
+    mfile = tfile.with_name("machines.json")
+    mfile.write_text(json.dumps({**(read_json(mfile) or {}), what: machine()}, indent=1))
     if rc != 0:
         raise SystemExit(f"[pipeline] {what} failed (exit {rc}); fix it and run the same command again "
                          f"to continue from here")
@@ -394,10 +418,21 @@ def plot_curves(out: Path) -> list[str]:
     return names
 
 
+def machine_lines(out: Path) -> list[str]:
+    """Where the figures come from (machines.json: what ran where), one line per machine."""
+    by: dict[str, list[str]] = {}
+    for what, desc in (read_json(out / "machines.json") or {}).items():
+        by.setdefault(desc, []).append(what)
+    if len(by) <= 1:
+        return [f"Machine: {d}.", ""] if (d := next(iter(by), None)) else []
+    return ["Machines (the run went on elsewhere):"] + [f"- {d}: {', '.join(w)}" for d, w in by.items()] + [""]
+
+
 def write_report(out: Path, timings: dict) -> Path:
     rows = eval_rows(out)
     n = {k: next((r.get(f"{k}_n") for _, r in rows if r.get(f"{k}_n")), 0) for k in ("math", "transfer", "code")}
-    lines = ["# Pipeline report", "", f"Output: `{out}`. Held-out data, greedy decoding.", "",
+    lines = ["# Pipeline report", "", f"Output: `{out}`. Held-out data, greedy decoding.", ""] + machine_lines(out)
+    lines += [
              f"## Every model through the same eval ({n['math']} math, {n['transfer']} transfer-split, "
              f"{n['code']} code questions; accuracy of the last attempt unless said)", "",
              "| model | " + " | ".join(h for h, _ in EVAL_COLUMNS) + " |", "|---" * (len(EVAL_COLUMNS) + 1) + "|"]

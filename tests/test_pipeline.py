@@ -2,10 +2,12 @@
 and its plots written, a finished stage skipped on the next run, an unfinished one run again."""
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -62,6 +64,9 @@ def test_pipeline_chains_stages_writes_report_and_continues(tmp_path, capsys):
     assert all((out / "plots" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     t1 = json.loads((out / "timings.json").read_text())
     assert set(t1) == {n for n, *_ in pipeline.STAGES} | {f"eval_{n}" for n, *_ in pipeline.STAGES[1:]} | {"4_reward_model"}
+    machines = json.loads((out / "machines.json").read_text())  # what ran where: bf16 figures depend on the CPU
+    assert set(machines) == set(t1) and len(set(machines.values())) == 1
+    assert f"\nMachine: {pipeline.machine()}.\n" in report and f"{os.cpu_count()} cores" in report
     rm_row = next(x for x in report.splitlines() if x.startswith("| 4 reward model | pairwise acc"))
     assert all(0.0 <= float(c) <= 1.0 for c in rm_row.strip("|").split("|")[2:4]), rm_row
     assert "- Reward model (stage 4, on the student): held-out pairwise accuracy" in report
@@ -81,6 +86,16 @@ def test_pipeline_chains_stages_writes_report_and_continues(tmp_path, capsys):
     assert t2["4_rl"] > t1["4_rl"] and t2["1_cold_start_sft"] == t1["1_cold_start_sft"]
     assert t2["eval_4_rl"] > t1["eval_4_rl"] and t2["eval_3_distill"] == t1["eval_3_distill"]
     assert t2["4_reward_model"] == t1["4_reward_model"]                  # its reward model was kept
+
+
+def test_the_report_names_every_machine_a_resumed_run_went_on(tmp_path):
+    assert pipeline.machine_lines(tmp_path) == []  # nothing ran: nothing to name
+    (tmp_path / "machines.json").write_text(json.dumps({"1_cold_start_sft": "cpu A", "2_overall_sft": "cpu B",
+                                                        "eval_2_overall_sft": "cpu B"}))
+    assert pipeline.machine_lines(tmp_path) == ["Machines (the run went on elsewhere):", "- cpu A: 1_cold_start_sft",
+                                                "- cpu B: 2_overall_sft, eval_2_overall_sft", ""]
+    desc = pipeline.machine()
+    assert f"torch {torch.__version__}" in desc and "commit " in desc and f"{os.cpu_count()} cores" in desc
 
 
 def test_math_checks_name_each_stage_against_its_goal():
