@@ -937,14 +937,18 @@ def test_sampling_model_bf16_copy_is_refreshed_and_fp32_is_the_model_itself(tok,
     assert sum(1 for _ in wrapped.parameters()) == sum(1 for _ in lm.parameters())  # not a submodule
 
 
+def decode_prompts(tok) -> list[list[int]]:
+    """Two prompts of different lengths (so one is left-padded) for the decode-step tests."""
+    return [tok(t, add_special_tokens=False)["input_ids"] for t in ("Hello there, how are", "Two plus")]
+
+
 def test_llama_decode_step_matches_hf_bf16_and_follows_weight_refreshes(tok, lm):
     """The written-out bf16 decode step (sampler.LlamaDecodeStep, used for the bf16 sampling copy)
     gives HF's bf16 greedy tokens and log-probs; after the master weights move, sampling_model's
     refresh reaches it (its q/k/v and gate/up weights are views into the fused ones)."""
     d = C.Dist()
     wrapped = M.LogProbModel(lm)
-    prompts = [tok("Hello there, how are", add_special_tokens=False)["input_ids"],
-               tok("Two plus", add_special_tokens=False)["input_ids"]]
+    prompts = decode_prompts(tok)
 
     def both():
         with S.sampling_model(wrapped, d, torch.bfloat16) as m:
@@ -977,8 +981,7 @@ def test_packed_decode_weights_give_the_plain_products_bit_for_bit_and_follow_re
     stale packed copy would sample from the old weights)."""
     d = C.Dist()
     wrapped = M.LogProbModel(lm)
-    prompts = [tok("Hello there, how are", add_special_tokens=False)["input_ids"],
-               tok("Two plus", add_special_tokens=False)["input_ids"]]
+    prompts = decode_prompts(tok)
 
     def packed_and_plain():
         with S.sampling_model(wrapped, d, torch.bfloat16) as m:
