@@ -337,10 +337,13 @@ def headline(out: Path, rows: list[tuple[str, dict]]) -> list[str]:
     s3 = read_json(out / STAGES[2][0] / "eval_summary.json") or {}
     if teacher and student:
         kept = f" ({student['math_acc'] / teacher['math_acc']:.0%} of it)" if teacher.get("math_acc") else ""
+        sp = s3.get("speed", {})
+        pairs = (f", {sp['speedup_pairs_min']:.2f}-{sp['speedup_pairs_max']:.2f} in the alternated pairs"
+                 if "speedup_pairs_min" in sp else "")
         out_lines.append(f"- Distilled student vs its teacher: math {n(student, 'math_acc')} vs {n(teacher, 'math_acc')} "
                          f"of {teacher['math_n']}{kept}, decoding {fmt(s3.get('speedup_vs_teacher'))}x the teacher's "
-                         f"tokens/s ({s3.get('student_params', 0) / 1e6:.0f}M vs {s3.get('teacher_params', 0) / 1e6:.0f}M "
-                         f"parameters).")
+                         f"tokens/s{pairs} ({s3.get('student_params', 0) / 1e6:.0f}M vs "
+                         f"{s3.get('teacher_params', 0) / 1e6:.0f}M parameters).")
     rm = read_json(rm_eval_file(out))
     if rm:
         out_lines.append(f"- Reward model (stage 4, on the student): held-out pairwise accuracy "

@@ -256,7 +256,7 @@ def test_teacher_forward_never_builds_a_graph(tok):
 def test_paired_speed_alternates_student_and_teacher(tok, monkeypatch):
     """The speed-up is measured S T S T ... (drift of the machine hits both), each model's rate the
     median of its calls: fake clocks make every student call take 1 s and the teacher's 2, 3, 4 s,
-    so the medians are 1 and 3 and the speed-up 3; a warm-up call of each is not timed."""
+    so the medians are 1 and 3 and the speed-up 3 (the pairs' 2-4); a warm-up call of each is not timed."""
     student, teacher = M.tiny_model(tok, seed=0), D3.TeacherModel(D3.frozen(M.tiny_model(tok, seed=1), torch.float32))
     calls, clock = [], {"t": 0.0}
     cost = {"student": iter([1.0, 1.0, 1.0]), "teacher": iter([2.0, 4.0, 3.0])}
@@ -276,6 +276,7 @@ def test_paired_speed_alternates_student_and_teacher(tok, monkeypatch):
     assert sorted(w for w, n in calls if n == 2) == ["student", "teacher"]
     assert got["student_tok_per_s"] == pytest.approx(4 * 7 / 1.0) and got["teacher_tok_per_s"] == pytest.approx(4 * 7 / 3.0)
     assert got["speedup"] == pytest.approx(3.0)
+    assert (got["speedup_pairs_min"], got["speedup_pairs_max"]) == (pytest.approx(2.0), pytest.approx(4.0))  # 2/1 4/1 3/1
     assert D3.paired_speed(student, teacher, [], cfg, d, torch.float32) == {}
 
 

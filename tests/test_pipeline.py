@@ -3,6 +3,7 @@ and its plots written, a finished stage skipped on the next run, an unfinished o
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -70,6 +71,9 @@ def test_pipeline_chains_stages_writes_report_and_continues(tmp_path, capsys):
     rm_row = next(x for x in report.splitlines() if x.startswith("| 4 reward model | pairwise acc"))
     assert all(0.0 <= float(c) <= 1.0 for c in rm_row.strip("|").split("|")[2:4]), rm_row
     assert "- Reward model (stage 4, on the student): held-out pairwise accuracy" in report
+    student = next(x for x in report.splitlines() if x.startswith("- Distilled student vs its teacher"))
+    lo, hi = (float(v) for v in re.search(r", ([\d.]+)-([\d.]+) in the alternated pairs", student).groups())
+    assert 0 < lo <= hi, student  # the noise of the speed-up is shown beside it
     assert "- Held-out math, stage by stage" in report and "- Self-correction of the last model (after 4 RL)" in report
     rl = [x for x in report.splitlines() if x.startswith("| 4 RL 1_stem |")]  # per sub-stage: its eval and reward
     assert any("math_acc (RL's own eval, n = 1, one greedy answer)" in x for x in rl), rl
