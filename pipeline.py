@@ -164,7 +164,11 @@ def machine() -> str:
     flags = next((ln.split(":", 1)[1].split() for ln in cpuinfo.splitlines() if ln.startswith("flags")), [])
     isa = [f for f in ("amx_bf16", "avx512_bf16", "avx2") if f in flags]
     gpu = (f", {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "")
-    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    def git(*a: str) -> str:  # "" where git is missing or this is not a checkout (a tarball)
+        try:
+            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        except OSError:
+            return ""
     commit = git("rev-parse", "--short", "HEAD") or "not a git checkout"
     dirty = " with uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else ""
     return (f"{cpu}, {os.cpu_count()} cores ({', '.join(isa) or 'no AVX2'}){gpu}; torch {torch.__version__}, "

@@ -92,7 +92,7 @@ def test_pipeline_chains_stages_writes_report_and_continues(tmp_path, capsys):
     assert t2["4_reward_model"] == t1["4_reward_model"]                  # its reward model was kept
 
 
-def test_the_report_names_every_machine_a_resumed_run_went_on(tmp_path):
+def test_the_report_names_every_machine_a_resumed_run_went_on(tmp_path, monkeypatch):
     assert pipeline.machine_lines(tmp_path) == []  # nothing ran: nothing to name
     (tmp_path / "machines.json").write_text(json.dumps({"1_cold_start_sft": "cpu A", "2_overall_sft": "cpu B",
                                                         "eval_2_overall_sft": "cpu B"}))
@@ -100,6 +100,11 @@ def test_the_report_names_every_machine_a_resumed_run_went_on(tmp_path):
                                                 "- cpu B: 2_overall_sft, eval_2_overall_sft", ""]
     desc = pipeline.machine()
     assert f"torch {torch.__version__}" in desc and "commit " in desc and f"{os.cpu_count()} cores" in desc
+
+    def no_git(*a, **k):
+        raise FileNotFoundError("git")
+    monkeypatch.setattr(pipeline.subprocess, "run", no_git)  # a machine without git must not stop the pipeline
+    assert pipeline.machine().endswith("; commit not a git checkout")
 
 
 def test_math_checks_name_each_stage_against_its_goal():
