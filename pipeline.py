@@ -164,6 +164,7 @@ def machine() -> str:
     flags = next((ln.split(":", 1)[1].split() for ln in cpuinfo.splitlines() if ln.startswith("flags")), [])
     isa = [f for f in ("amx_bf16", "avx512_bf16", "avx2") if f in flags]
     gpu = (f", {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "")
+
     def git(*a: str) -> str:  # "" where git is missing or this is not a checkout (a tarball)
         try:
             return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
@@ -430,8 +431,10 @@ def machine_lines(out: Path) -> list[str]:
     by: dict[str, list[str]] = {}
     for what, desc in (read_json(out / "machines.json") or {}).items():
         by.setdefault(desc, []).append(what)
-    if len(by) <= 1:
-        return [f"Machine: {d}.", ""] if (d := next(iter(by), None)) else []
+    if not by:
+        return []
+    if len(by) == 1:
+        return [f"Machine: {next(iter(by))}.", ""]
     return ["Machines (the run went on elsewhere):"] + [f"- {d}: {', '.join(w)}" for d, w in by.items()] + [""]
 
 
@@ -439,10 +442,9 @@ def write_report(out: Path, timings: dict) -> Path:
     rows = eval_rows(out)
     n = {k: next((r.get(f"{k}_n") for _, r in rows if r.get(f"{k}_n")), 0) for k in ("math", "transfer", "code")}
     lines = ["# Pipeline report", "", f"Output: `{out}`. Held-out data, greedy decoding.", ""] + machine_lines(out)
-    lines += [
-             f"## Every model through the same eval ({n['math']} math, {n['transfer']} transfer-split, "
-             f"{n['code']} code questions; accuracy of the last attempt unless said)", "",
-             "| model | " + " | ".join(h for h, _ in EVAL_COLUMNS) + " |", "|---" * (len(EVAL_COLUMNS) + 1) + "|"]
+    lines += [f"## Every model through the same eval ({n['math']} math, {n['transfer']} transfer-split, "
+              f"{n['code']} code questions; accuracy of the last attempt unless said)", "",
+              "| model | " + " | ".join(h for h, _ in EVAL_COLUMNS) + " |", "|---" * (len(EVAL_COLUMNS) + 1) + "|"]
     lines += [f"| {m} | " + " | ".join(fmt(r.get(k)) for _, k in EVAL_COLUMNS) + " |" for m, r in rows]
     lines += [""] + headline(out, rows) + math_checks(rows)
     plot = plot_eval(out, rows)
