@@ -22,7 +22,8 @@ Papers
 
 One optimizer step (mirrored by `# step N` comments in `train_step`)
   1. the step's prompts from the shuffled stream (C.epoch_stream_indices: exact resume); a seeded
-     draw decides on-policy (probability --lmbda: fresh student samples from the shared sampler)
+     draw decides on-policy (probability --lmbda: fresh student samples from the shared sampler,
+     --steps_per_generation steps' worth per sampler call)
      or off-policy (the teacher's cached responses, or the dataset's with --offpolicy dataset);
   2. teacher targets at every response token: top-k log-probs (+ a tail bucket) from the disk
      cache (--teacher_cache) or a live teacher forward on the same packed rows;
@@ -148,6 +149,9 @@ class Config:
                                        "in out_dir/teacher_topk.pt (needs --top_k > 0)")
     chunk_size: int = C.arg(512, "positions per projected [chunk, V] block (memory)")
     lmbda: float = C.arg(0.0, "probability that a step is on-policy (fresh student samples; GKD's lambda)")
+    steps_per_generation: int = C.arg(1, "on-policy samples of this many steps drawn in one sampler call, from "
+                                         "the student of the first (1 = strictly on-policy; k > 1: k x the rows "
+                                         "per call, k x fewer calls, samples up to k - 1 updates old)")
     offpolicy: str = C.arg("teacher", "off-policy sequences: teacher (its cached responses) | dataset (references)")
     sample_temperature: float = C.arg(1.0, "temperature of on-policy and preference samples")
     # sequence level
@@ -1002,6 +1006,9 @@ def build_pairs(student, teacher, tok, tasks: list[dict], responses: dict, cfg: 
 # One optimizer step
 
 
+AHEAD_FILE = "samples_ahead.pt"  # in a checkpoint: on-policy samples drawn for steps after it (--steps_per_generation)
+
+
 @dataclass
 class StepData:
     """What one optimizer step trains on (the same lists on every rank).
@@ -1153,14 +1160,42 @@ def on_policy_samples(student, tok, tasks: list[dict], cfg: Config, d, dtype, st
     return [s for _, s in sorted(C.gather_objects(out, d), key=lambda x: x[0])]
 
 
-def step_data(step: int, student, tok, train: dict, pairs: list[dict], cfg: Config, d, dtype) -> StepData:
-    """Step 1 (and 3): the step's prompts from the shuffled stream, the seeded on-/off-policy draw,
-    and the step's preference pairs; a pure function of (seed, step) apart from on-policy samples."""
+def step_tasks(step: int, train: dict, cfg: Config) -> tuple[list[dict], bool]:
+    """The step's prompts from the shuffled stream and its seeded on-/off-policy draw: a pure
+    function of (seed, step)."""
     tasks = [train["tasks"][i] for i in C.epoch_stream_indices(len(train["tasks"]), step * cfg.batch_size,
                                                                cfg.batch_size, cfg.seed)]
-    on = bool(np.random.default_rng(C.seed_for(cfg.seed, 3, 0, step)).random() < cfg.lmbda)
+    return tasks, bool(np.random.default_rng(C.seed_for(cfg.seed, 3, 0, step)).random() < cfg.lmbda)
+
+
+def sample_ahead(step: int, student, tok, train: dict, cfg: Config, d, dtype) -> dict[int, list[dict]]:
+    """On-policy samples of every on-policy step in [step, step + k) (k = --steps_per_generation,
+    capped at --max_steps), from ONE sampler call on the current student: {step: its samples}.
+
+    Why: a sampler call on a few rows is bound by reading the weights (every decode step reads them
+    all whatever the row count), so k steps' rows in one call cost little more than one step's
+    (stage 3 of the pipeline: 8 rows x 128 tokens, 5-8 s a call, on 2 cores). The price is
+    staleness: step step + j trains on samples of the student j updates ago, which the k = 1
+    default avoids (TRL's GRPO calls this steps_per_generation)."""
+    steps = [s for s in range(step, min(step + cfg.steps_per_generation, cfg.max_steps)) if step_tasks(s, train, cfg)[1]]
+    tasks = [step_tasks(s, train, cfg)[0] for s in steps]
+    flat = on_policy_samples(student, tok, [t for ts in tasks for t in ts], cfg, d, dtype, step)
+    out, i = {}, 0
+    for s, ts in zip(steps, tasks):
+        out[s], i = flat[i:i + len(ts)], i + len(ts)
+    return out
+
+
+def step_data(step: int, student, tok, train: dict, pairs: list[dict], cfg: Config, d, dtype,
+              ahead: dict[int, list[dict]]) -> StepData:
+    """Step 1 (and 3): the step's prompts, the seeded on-/off-policy draw, and the step's preference
+    pairs; a pure function of (seed, step) apart from on-policy samples, which come from `ahead`
+    (filled by `sample_ahead` when this step's are not there; a step's entry is removed when used)."""
+    tasks, on = step_tasks(step, train, cfg)
     if on:
-        kd = on_policy_samples(student, tok, tasks, cfg, d, dtype, step)
+        if step not in ahead:
+            ahead.update(sample_ahead(step, student, tok, train, cfg, d, dtype))
+        kd = ahead.pop(step)
     else:
         kd = [train["off"][t["id"]] for t in tasks]
     if not on and cfg.offpolicy == "teacher":
@@ -1302,6 +1337,8 @@ def check_config(cfg: Config) -> None:
         raise ValueError(f"--pref_scorer must be verifier, teacher_logp or auto, got {cfg.pref_scorer!r}")
     if not 0.0 <= cfg.lmbda <= 1.0:
         raise ValueError(f"--lmbda is a probability, got {cfg.lmbda}")
+    if cfg.steps_per_generation < 1:
+        raise ValueError(f"--steps_per_generation must be >= 1, got {cfg.steps_per_generation}")
     if cfg.alpha < 0 or cfg.gamma < 0 or cfg.alpha + cfg.gamma * (cfg.seqkd_weight + cfg.dpo_weight) <= 0:
         raise ValueError("--alpha and --gamma must be >= 0 and not both off")
     if cfg.teacher_cache and cfg.top_k <= 0:
@@ -1447,6 +1484,7 @@ def main(argv=None):
         state = M.load_checkpoint(ck, student, opt, d)
         start_step, ev = state["step"], state["eval"]
         C.print0(f"resumed from {ck} at step {start_step}")
+    ahead = torch.load(ck / AHEAD_FILE) if ck is not None and (ck / AHEAD_FILE).exists() else {}  # samples drawn, not yet trained on
     log = C.MetricsLogger(out_dir, d, cfg.max_steps, cfg, cfg.wandb_project, initial_step=start_step)
 
     # ---- eval at the start: the teacher once, the student before training (kept in checkpoints)
@@ -1462,7 +1500,7 @@ def main(argv=None):
     # ---- loop
     for step in range(start_step, cfg.max_steps):
         t0 = time.time()
-        data = step_data(step, student, tok, train, pairs, cfg, d, dtype)  # steps 1, 3
+        data = step_data(step, student, tok, train, pairs, cfg, d, dtype, ahead)  # steps 1, 3
         t_data = time.time() - t0
         lr = C.lr_at(step, cfg.max_steps, cfg.warmup_steps, cfg.lr, cfg.min_lr_ratio)
         st = train_step(student, teacher, opt, data, cfg, kd, d, dtype, tok.pad_token_id, lr, step)  # steps 2, 4, 5
@@ -1472,7 +1510,8 @@ def main(argv=None):
             kl = heldout_kl(student, teacher, sets["kl"], cfg, d, dtype, tok.pad_token_id, len(tok))
             log.log(done, {"eval_heldout_kl": kl}, advance=False)
         if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.max_steps or done == cfg.stop_after:
-            M.save_checkpoint(out_dir, done, student, tok, opt, d, cfg, {"eval": ev, "skipped": dict(skipped)})
+            M.save_checkpoint(out_dir, done, student, tok, opt, d, cfg, {"eval": ev, "skipped": dict(skipped)},
+                              extra={AHEAD_FILE: ahead} if ahead else None)
         if cfg.stop_after and done == cfg.stop_after and done < cfg.max_steps:
             C.print0(f"stopping after step {done} (--stop_after); rerun to resume")
             log.close()

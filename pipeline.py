@@ -59,7 +59,9 @@ STAGES = (  # (name, script, flag that takes the previous stage's final/)
 #   lr 2e-5 for 18 steps, with no sequence-level terms (--gamma 0: with them its verifier turned
 #   into a constant). From the 22/100 teacher it kept 15/100, where training on the teacher's
 #   responses kept 11. Smaller students lost the math, which lives in this 135M model's middle
-#   layers (README "Stage 3").
+#   layers (README "Stage 3"). The samples of 3 steps are drawn in one sampler call
+#   (--steps_per_generation 3: 24 rows cost little more than 8, the call reads every weight per
+#   token either way), at most 2 updates old.
 # - Stage 4: a Bradley-Terry reward model first (RM_FLAGS), then 6 GRPO steps of 8 prompts x 8
 #   samples. Responses get 128 new tokens (the eval's length: at 64 the reflective answers were
 #   cut), lr 1e-5, the outcome reward only, and truncated responses are masked out of the loss.
@@ -73,7 +75,7 @@ STAGE_FLAGS = {1: ["--math_test", "", "--max_steps", "24", "--lr", "1e-4"],
                2: ["--eval_limit", "0", "--code_eval_limit", "0", "--student_layers", "29", "--layer_choice", "block",
                    "--layer_calib", "4",
                    "--lr", "2e-5", "--max_steps", "18", "--prompt_limit", "40", "--gamma", "0",
-                   "--lmbda", "1", "--divergence", "rkl", "--speed_repeats", "3"],
+                   "--lmbda", "1", "--divergence", "rkl", "--speed_repeats", "3", "--steps_per_generation", "3"],
                3: ["--stages", "stem:data/math_train.jsonl:6", "--eval_kinds", "stem", "--s2r_reward", "outcome",
                    "--max_new_tokens", "128", "--lr", "1e-5", "--prompts_per_step", "8", "--group_size", "8",
                    "--overlong", "masked", "--math_instruction", "", "--s2r_train", "attempts",

@@ -237,8 +237,10 @@ class LlamaDecodeStep:
     Why: decoding is overhead- and memory-bound; HF's forward re-copies the whole growing KV cache
     at every token and runs q / k / v and gate / up as five small GEMMs. Here the cache is
     pre-allocated and written in place, q / k / v and gate / up are two fused GEMMs, and the
-    attention of the one query is two small batched matmuls over the filled slots (grouped-query:
-    no repeated K / V). The model's own q/k/v and gate/up weights become VIEWS into the fused ones,
+    attention of the one query is SDPA over the filled slots (grouped-query: no repeated K / V;
+    against two batched matmuls with an fp32 softmax, measured per layer in bf16 on 2 cores: 240
+    rows x 250 slots 11.7 -> 4.1 ms, 3 rows 0.26 -> 0.09 ms, and closer to a float64 reference,
+    mean error 1.7e-4 vs 3.3e-4). The model's own q/k/v and gate/up weights become VIEWS into the fused ones,
     so refreshing the model's parameters refreshes the engine; on CPU the GEMMs read a copy of the
     weights packed for oneDNN, re-packed at every refresh (`repack`). Used only for
     the bf16 sampling copy (`sampling_model`): fp32 decoding stays on HF's forward, token-identical
@@ -310,16 +312,13 @@ class LlamaDecodeStep:
         return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
     def cache_from(self, past: list, P: int, total: int) -> list:
-        """Pre-allocated keys [B, Hkv, D, total] (stored transposed: q @ K[..., :t] then reads a plain
-        row-major matrix, where slicing [B, Hkv, t, D] and transposing made bmm copy it at every
-        layer and step: 265 -> 110 us per layer at 64 rows, measured) and values [B, Hkv, total, D]
-        per layer, the prefill's P slots copied in (past: [(K, V) per layer], each [B, Hkv, P, D],
-        as `prefill` returns them)."""
+        """Pre-allocated keys and values [B, Hkv, total, D] per layer, the prefill's P slots copied
+        in (past: [(K, V) per layer], each [B, Hkv, P, D], as `prefill` returns them)."""
         out = []
         for keys, values in past:
             B = keys.shape[0]
-            K, V = keys.new_zeros(B, self.Hkv, self.D, total), keys.new_zeros(B, self.Hkv, total, self.D)
-            K[..., :P], V[:, :, :P] = keys.transpose(-1, -2), values
+            K, V = keys.new_zeros(B, self.Hkv, total, self.D), keys.new_zeros(B, self.Hkv, total, self.D)
+            K[:, :, :P], V[:, :, :P] = keys, values
             out.append((K, V))
         return out
 
@@ -336,14 +335,14 @@ class LlamaDecodeStep:
         def rope(x):  # [B, n, D]
             return x * cos + torch.cat([-x[..., D // 2:], x[..., :D // 2]], -1) * sin
         t = slot + 1
-        b = bias[:, None, None, :t]
+        b = bias[:, None, None, :t].to(h.dtype)
         for (w_in, w_qkv, w_o, w_post, w_gu, w_down), (K, V) in zip(self.layers, cache):
             qkv = self._mm(self._rms(h, w_in), w_qkv)
             q = rope(qkv[:, :H * D].view(B, H, D))
-            K[..., slot] = rope(qkv[:, H * D:(H + Hkv) * D].view(B, Hkv, D))
+            K[:, :, slot] = rope(qkv[:, H * D:(H + Hkv) * D].view(B, Hkv, D))
             V[:, :, slot] = qkv[:, (H + Hkv) * D:].view(B, Hkv, D)
-            s = (q.view(B, Hkv, H // Hkv, D) @ K[..., :t]).float() * D ** -0.5 + b
-            h = h + self._mm((s.softmax(-1).to(h.dtype) @ V[:, :, :t]).reshape(B, H * D), w_o)
+            a = F.scaled_dot_product_attention(q[:, :, None], K[:, :, :t], V[:, :, :t], attn_mask=b, enable_gqa=True)
+            h = h + self._mm(a.reshape(B, H * D), w_o)
             g, u = self._mm(self._rms(h, w_post), w_gu).chunk(2, -1)
             h = h + self._mm(F.silu(g) * u, w_down)
         return self._mm(self._rms(h, self.norm), self.head).float()

@@ -694,3 +694,39 @@ def test_all_on_policy_without_sequence_terms_asks_the_teacher_for_no_responses(
     monkeypatch.undo()  # with a sequence-level term on, the responses are needed again
     D3.main(cli(files, tmp_path / "seq", "--max_steps", "1", "--lmbda", "1", "--pref_prompts", "0"))
     assert (tmp_path / "seq" / "teacher_responses.jsonl").exists()
+
+
+def test_steps_per_generation_samples_ahead_in_one_call_and_resumes_mid_block(files, tmp_path, monkeypatch):
+    """--steps_per_generation 2: the on-policy samples of steps 0-1 and 2-3 come from one sampler call
+    each (on the student of the block's first step), step 1 trains on the second half of step 0's
+    call, and a run killed between the two steps of a block (the samples of step 1 already drawn)
+    resumes to the same weights and losses as the straight run."""
+    calls, trained = [], {}
+    real_sample, real_step = D3.on_policy_samples, D3.train_step
+
+    def spy_sample(student, tok, tasks, cfg, d, dtype, step):
+        out = real_sample(student, tok, tasks, cfg, d, dtype, step)
+        calls.append((step, len(tasks), [s["input_ids"] for s in out]))
+        return out
+
+    def spy_step(student, teacher, opt, data, cfg, *a, **k):
+        trained[a[-1]] = [s["input_ids"] for s in data.kd]  # keyed by step (train_step's last argument)
+        return real_step(student, teacher, opt, data, cfg, *a, **k)
+    monkeypatch.setattr(D3, "on_policy_samples", spy_sample)
+    monkeypatch.setattr(D3, "train_step", spy_step)
+    extra = ["--max_steps", "3", "--lmbda", "1", "--gamma", "0", "--divergence", "rkl", "--steps_per_generation", "2"]
+    D3.main(cli(files, tmp_path / "straight", *extra))
+    assert [(s, n) for s, n, _ in calls] == [(0, 8), (2, 4)]  # batch 4: two steps' prompts, then the last step's
+    assert trained[0] == calls[0][2][:4] and trained[1] == calls[0][2][4:] and trained[2] == calls[1][2]
+    calls.clear()
+    assert D3.main(cli(files, tmp_path / "resumed", *extra, "--stop_after", "1")) is None
+    assert (tmp_path / "resumed" / "ckpt-000001" / D3.AHEAD_FILE).exists()  # step 1's samples, drawn at step 0
+    D3.main(cli(files, tmp_path / "resumed", *extra))
+    assert [(s, n) for s, n, _ in calls] == [(0, 8), (2, 4)]  # the resumed run did not sample step 1 again
+    a = load_file(tmp_path / "straight" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    losses = lambda p: [r["loss"] for r in metrics(p) if "loss" in r]  # noqa: E731
+    assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
+    with pytest.raises(ValueError, match="steps_per_generation"):
+        D3.main(cli(files, tmp_path / "bad", "--steps_per_generation", "0"))
