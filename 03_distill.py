@@ -1259,8 +1259,11 @@ def evaluate(model, tok, cfg: Config, sets: dict, d, dtype) -> dict:
 
 
 def paired_speed(student, teacher, prompts: list[list[int]], cfg: Config, d, dtype) -> dict:
-    """Decoding throughput in tokens/s of student and teacher, measured alternately (S T S T ...,
-    --speed_repeats calls each) so that drift of the machine hits both: one batch of prompts, exactly
+    """Decoding throughput in tokens/s of student and teacher, measured alternately in ABBA order
+    (S T, T S, S T, ..., --speed_repeats calls each) so that drift of the machine hits both and a
+    steady speed-up or slow-down of the machine during a pair favours neither model over the
+    whole (S T S T ... gave the model timed second 0.87-0.95 in every pair of one run where the
+    machine was speeding up, and 0.96-1.11 in the same run repeated): one batch of prompts, exactly
     --speed_tokens new tokens per row (no EOS stop, greedy), the same work whatever they write.
     Returns the median tokens/s of each (per process), speedup = student / teacher, and the range of
     the per-pair speed-ups (each teacher call's time / the student call's before it: how far the
@@ -1274,13 +1277,13 @@ def paired_speed(student, teacher, prompts: list[list[int]], cfg: Config, d, dty
             S.sampling_model(student, d, dtype) as ms, S.sampling_model(teacher, d, dtype) as mt:
         for m in (ms, mt):
             S.generate(m, prompts[:2], 2, [-1], 0, temperature=0.0)  # warm-up (the bf16 copy, the engine)
-        for _ in range(max(cfg.speed_repeats, 1)):
-            for name, m in (("student", ms), ("teacher", mt)):
+        for i in range(max(cfg.speed_repeats, 1)):
+            for name, m in (("student", ms), ("teacher", mt))[::1 if i % 2 == 0 else -1]:
                 t0 = time.perf_counter()
                 S.generate(m, prompts, cfg.speed_tokens, [-1], 0, temperature=0.0)
                 times[name].append(time.perf_counter() - t0)
     rate = {k: len(prompts) * cfg.speed_tokens / sorted(v)[len(v) // 2] for k, v in times.items()}
-    pairs = [t / s for s, t in zip(times["student"], times["teacher"])]
+    pairs = [t / s for s, t in zip(times["student"], times["teacher"])]  # the calls of one pair are adjacent
     return {"student_tok_per_s": rate["student"], "teacher_tok_per_s": rate["teacher"],
             "speedup": rate["student"] / rate["teacher"], "speedup_pairs_min": min(pairs), "speedup_pairs_max": max(pairs)}
 
