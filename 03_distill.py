@@ -1175,8 +1175,8 @@ def sample_ahead(step: int, student, tok, train: dict, cfg: Config, d, dtype) ->
     Why: a sampler call on a few rows is bound by reading the weights (every decode step reads them
     all whatever the row count), so k steps' rows in one call cost little more than one step's
     (stage 3 of the pipeline: 8 rows x 128 tokens, 5-8 s a call, on 2 cores). The price is
-    staleness: step step + j trains on samples of the student j updates ago, which the k = 1
-    default avoids (TRL's GRPO calls this steps_per_generation)."""
+    staleness: the j-th step after `step` trains on samples of the student j updates ago, which
+    the k = 1 default avoids (TRL's GRPO calls this steps_per_generation)."""
     steps = [s for s in range(step, min(step + cfg.steps_per_generation, cfg.max_steps)) if step_tasks(s, train, cfg)[1]]
     tasks = [step_tasks(s, train, cfg)[0] for s in steps]
     flat = on_policy_samples(student, tok, [t for ts in tasks for t in ts], cfg, d, dtype, step)
@@ -1266,7 +1266,7 @@ def paired_speed(student, teacher, prompts: list[list[int]], cfg: Config, d, dty
     machine was speeding up, and 0.96-1.11 in the same run repeated): one batch of prompts, exactly
     --speed_tokens new tokens per row (no EOS stop, greedy), the same work whatever they write.
     Returns the median tokens/s of each (per process), speedup = student / teacher, and the range of
-    the per-pair speed-ups (each teacher call's time / the student call's before it: how far the
+    the per-pair speed-ups (each teacher call's time / the student call's next to it: how far the
     machine's drift moves one pair, so a speed-up inside that range is noise). Measured once,
     at the end: the student's speed does not change with training, and a start and an end
     measurement minutes apart read the same 29-layer student at 260 and 229 tok/s here."""

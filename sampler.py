@@ -13,7 +13,7 @@ SmolLM2-135M, 64 rows, 2 cores): a KV cache and logits of the last position only
 `sample_categorical`, an inverse-CDF draw in two levels instead of torch.multinomial (-25% of a
 decode step); weights in bf16 cast once per rollout (`sampling_model`) instead of once per token
 under autocast; for those bf16 copies of Llama models a written-out decode step (`LlamaDecodeStep`:
-a cache written in place, fused q/k/v and gate/up GEMMs, on CPU weights packed for oneDNN once per
+a cache written in place, fused q/k/v and gate/up GEMMs, SDPA, on CPU weights packed for oneDNN once per
 rollout instead of at every product: +12-25%); finished rows dropped from the batch
 (`generate`'s compact_at); prompts prefilled in groups of similar length (`length_buckets`), a
 prompt repeated in the batch (a GRPO group, S2R's K samples) prefilled once (-33% for 8 prompts x 8
