@@ -72,7 +72,10 @@ def test_saved_model_is_plain_hf_and_reloads_without_gguf(embedded, tmp_path):
     with torch.no_grad():
         logits = model(ids).logits[0, -1]
     torch.save({"ids": ids, "logits": logits}, tmp_path / "expected.pt")
-    # a fresh process where importing gguf is impossible, offline, loads the saved dir
+    # a fresh process where importing gguf is impossible, offline, loads the saved dir. The weights
+    # are compared bit for bit above; the logits of two processes may differ by fp32 summation
+    # order (once 1.5e-3 apart in CI on an AMX host; 1 and 2 threads in one process gave the same
+    # logits there, so the cause is not pinned down), while a wrong or missing weight moves them by O(1)
     code = f"""
 import sys, torch
 sys.modules["gguf"] = None  # any import of gguf now raises ImportError
@@ -82,7 +85,7 @@ model, tok = M.load_model_and_tokenizer({str(tmp_path / "final")!r})
 exp = torch.load({str(tmp_path / "expected.pt")!r})
 with torch.no_grad():
     logits = model(exp["ids"]).logits[0, -1]
-torch.testing.assert_close(logits, exp["logits"], atol=1e-4, rtol=1e-4)
+torch.testing.assert_close(logits, exp["logits"], atol=1e-2, rtol=1e-3)
 assert tok.pad_token_id == tok.eos_token_id == 2
 print("OK")
 """
