@@ -1177,11 +1177,11 @@ def sample_ahead(step: int, student, tok, train: dict, cfg: Config, d, dtype) ->
     (stage 3 of the pipeline: 8 rows x 128 tokens, 5-8 s a call, on 2 cores). The price is
     staleness: the j-th step after `step` trains on samples of the student j updates ago, which
     the k = 1 default avoids (TRL's GRPO calls this steps_per_generation)."""
-    steps = [s for s in range(step, min(step + cfg.steps_per_generation, cfg.max_steps)) if step_tasks(s, train, cfg)[1]]
-    tasks = [step_tasks(s, train, cfg)[0] for s in steps]
-    flat = on_policy_samples(student, tok, [t for ts in tasks for t in ts], cfg, d, dtype, step)
+    drawn = {s: step_tasks(s, train, cfg) for s in range(step, min(step + cfg.steps_per_generation, cfg.max_steps))}
+    tasks = {s: ts for s, (ts, on) in drawn.items() if on}
+    flat = on_policy_samples(student, tok, [t for ts in tasks.values() for t in ts], cfg, d, dtype, step)
     out, i = {}, 0
-    for s, ts in zip(steps, tasks):
+    for s, ts in tasks.items():
         out[s], i = flat[i:i + len(ts)], i + len(ts)
     return out
 
