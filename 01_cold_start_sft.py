@@ -818,6 +818,14 @@ def score_responses(tasks: list[dict], texts: list[str], grade) -> Counter:
     return c
 
 
+def attempt_grades(task: dict, text: str, grade) -> dict:
+    """{"correct": last attempt right, "first_correct": first attempt right} of one response (None
+    where grading failed), graded as score_responses grades them: per question, so two models'
+    answers to the same questions can be compared pairwise (pipeline.py's McNemar test)."""
+    steps = V.split_trajectory(text)
+    return {"correct": grade(task, steps[-1]["attempt"])[0], "first_correct": grade(task, steps[0]["attempt"])[0]}
+
+
 def verdict_balanced_acc(n: float, right: float, on_correct: float, right_on_correct: float) -> float | None:
     """Balanced verdict accuracy: 1/2 (right verdicts on correct attempts / correct attempts + right
     verdicts on wrong attempts / wrong attempts). A verifier that always says "correct" (or always
@@ -863,7 +871,7 @@ def evaluate(policy, tok, cfg: Config, sets: dict, d, dtype, full: bool = True, 
                     sums[f"{dom}_{k}"] += v
                 examples += [f"[{dom}] {t['prompt']}\n---\n{x}" for t, x in pairs[:1]]
             responses = [{"domain": t.get("set", t["domain"]), "difficulty": t.get("difficulty"), "prompt": t["prompt"],
-                          "response": x} for t, x in zip(tasks, texts)]
+                          "response": x, **attempt_grades(t, x, grade)} for t, x in zip(tasks, texts)]
     tot = C.all_reduce_dict({k: sums[k] for k in set(C.gather_objects(sorted(sums), d))}, d)
     out = {}
     if tot.get("loss_den"):
@@ -891,7 +899,7 @@ def evaluate(policy, tok, cfg: Config, sets: dict, d, dtype, full: bool = True, 
 
 
 def write_responses(path: Path, responses: list[dict], d) -> None:
-    """The eval's prompts and greedy responses, one JSON line each (rank 0 writes)."""
+    """The eval's prompts, greedy responses and their grades, one JSON line each (rank 0 writes)."""
     if d.is_main:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in responses))

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import shlex
@@ -329,6 +330,92 @@ def math_checks(rows: list[tuple[str, dict]]) -> list[str]:
     return lines
 
 
+# ----------------------------------------------------------------------------------------------
+# Is a change more than noise? Each model answers the same held-out questions, so two models are
+# compared question by question (paired), not by their two accuracies alone.
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a proportion k / n (Wilson 1927; z = 1.96: 95%):
+
+        centre = (p + z^2 / 2n) / (1 + z^2 / n),  half = z sqrt(p (1 - p) / n + z^2 / 4n^2) / (1 + z^2 / n)
+
+    with p = k / n. Why not p +- z sqrt(p (1 - p) / n): at k = 0 (the embedded model's math) that
+    interval is [0, 0], and near 0 it undercovers; Wilson's stays inside [0, 1] and is honest there."""
+    if n <= 0:
+        raise ValueError("wilson_interval needs n > 0")
+    p, z2 = k / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * (p * (1 - p) / n + z2 / (4 * n * n)) ** 0.5 / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def mcnemar_p(lost: int, gained: int) -> float:
+    """Exact two-sided McNemar test (McNemar 1947) of two models on the same questions: only the
+    questions where exactly one of them is right say anything; if both models were equally good,
+    each of those n = lost + gained questions would fall either way with probability 1/2, so
+
+        p = min(1, 2 P[Binomial(n, 1/2) <= min(lost, gained)]),   p = 1 when n = 0.
+
+    Small p: the change is unlikely to be noise of the questions. (It says nothing about the noise
+    of training: another seed is another model; README "Stage 4" has seeds.)"""
+    n, k = lost + gained, min(lost, gained)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+
+
+def paired_outcomes(before: list[dict], after: list[dict], domain: str, key: str = "correct") -> tuple[int, int, int, int, int]:
+    """(n, right before, right after, lost, gained) over the questions of `domain` that both
+    response lists answered and graded (matched on the prompt; rows without `key`, from an eval
+    older than per-question grades, or graded None, are left out). lost = right before and wrong
+    after, gained = wrong before and right after."""
+    a = {r["prompt"]: r.get(key) for r in before if r.get("domain") == domain and r.get(key) is not None}
+    pairs = [(a[r["prompt"]], r[key]) for r in after
+             if r.get("domain") == domain and r.get(key) is not None and r["prompt"] in a]
+    return (len(pairs), sum(x for x, _ in pairs), sum(y for _, y in pairs),
+            sum(x and not y for x, y in pairs), sum(y and not x for x, y in pairs))
+
+
+def fmt_p(p: float) -> str:
+    return f"{p:.3f}" if p >= 0.001 else "< 0.001"
+
+
+def response_files(out: Path) -> list[tuple[str, Path]]:
+    """(model, its eval's responses JSONL) in eval_rows' order: the embedded model and stage 1 from
+    stage 1's start / end evals, the later stages from the pipeline's eval of their final/."""
+    s1 = out / STAGES[0][0]
+    files = [(ROW_LABELS[0], s1 / "eval_start_responses.jsonl"), (ROW_LABELS[1], s1 / "eval_end_responses.jsonl")]
+    files += [(label, out / "eval" / name / "eval_responses.jsonl") for (name, *_), label in zip(STAGES[1:], ROW_LABELS[2:])]
+    return [(m, f) for m, f in files if f.exists()]
+
+
+PAIRED = (("math", "correct", "math"), ("math", "first_correct", "math, 1st attempt"),
+          ("transfer", "correct", "transfer"), ("code", "correct", "code"))
+
+
+def paired_lines(out: Path) -> list[str]:
+    """The report's question-by-question table: every consecutive pair of models, and the final
+    model against the embedded one, per eval: right before / after (95% Wilson interval), questions
+    lost and gained, exact McNemar p."""
+    files = response_files(out)
+    if len(files) < 2:
+        return []
+    resp = {m: read_metrics(f) for m, f in files}
+    pairs = list(zip(files, files[1:])) + ([(files[0], files[-1])] if len(files) > 2 else [])
+    lines = ["| models | eval | right before | right after | lost | gained | McNemar p |", "|---|---|---|---|---|---|---|"]
+    pct = lambda k, n: f"{k}/{n} ({100 * wilson_interval(k, n)[0]:.0f}-{100 * wilson_interval(k, n)[1]:.0f}%)"  # noqa: E731
+    for (ma, _), (mb, _) in pairs:
+        for dom, key, name in PAIRED:
+            n, ra, rb, lost, gained = paired_outcomes(resp[ma], resp[mb], dom, key)
+            if n:
+                lines.append(f"| {ma} -> {mb} | {name} | {pct(ra, n)} | {pct(rb, n)} | {lost} | {gained} | "
+                             f"{fmt_p(mcnemar_p(lost, gained))} |")
+    if len(lines) == 2:
+        return ["No per-question grades in these responses (an eval older than `correct` / `first_correct`)."]
+    return lines
+
+
 def headline(out: Path, rows: list[tuple[str, dict]]) -> list[str]:
     """The sentences the run exists to show: final model vs the embedded one, student vs teacher."""
     ev = dict(rows)
@@ -451,6 +538,13 @@ def write_report(out: Path, timings: dict) -> Path:
     lines += [""] + headline(out, rows) + math_checks(rows)
     plot = plot_eval(out, rows)
     lines += (["", f"![{plot}]({plot})"] if plot else [])
+    paired = paired_lines(out)
+    if paired:
+        lines += ["", "## Question by question: which changes are more than the noise of the questions", "",
+                  "The same questions for every model, so each pair is compared on the questions one got right and "
+                  "the other wrong (exact McNemar test; small p: unlikely to be the luck of which questions were "
+                  "asked). In brackets the 95% Wilson interval of each accuracy. A p here says nothing about the "
+                  "seed: another training seed is another model.", ""] + paired
     lines += ["", "## Each stage's own metric (before = the stage's input model, after = its output)", "",
               "| stage | metric | before | after |", "|---|---|---|---|"]
     lines += [f"| {s} | {k} | {fmt(a)} | {fmt(b)} |" for s, k, a, b in stage_rows(out) if (a, b) != (None, None)]

@@ -75,6 +75,21 @@ def test_pipeline_chains_stages_writes_report_and_continues(tmp_path, capsys):
     lo, hi = (float(v) for v in re.search(r", ([\d.]+)-([\d.]+) in the alternated pairs", student).groups())
     assert 0 < lo <= hi, student  # the noise of the speed-up is shown beside it
     assert "- Held-out math, stage by stage" in report and "- Self-correction of the last model (after 4 RL)" in report
+    # question by question: every consecutive pair and the final model against the embedded one, per eval
+    paired = report.split("## Question by question")[1].split("\n\n")[2].splitlines()[2:]
+    names = [r.split(" | ")[0] for r in paired if " | math | " in r]
+    assert names == ["| start (embedded) -> after 1 cold-start SFT", "| after 1 cold-start SFT -> after 2 overall SFT",
+                     "| after 2 overall SFT -> after 3 distill (student)", "| after 3 distill (student) -> after 4 RL",
+                     "| start (embedded) -> after 4 RL"], paired
+    for r in paired:
+        cells = [c.strip() for c in r.strip("|").split("|")]
+        assert re.fullmatch(r"\d+/1 \(\d+-\d+%\)", cells[2]) and (cells[6] == "< 0.001" or 0.0 <= float(cells[6]) <= 1.0), r
+    ev = json.loads((out / "eval" / "4_rl" / "eval_summary.json").read_text())["eval"]  # per question = the aggregate
+    resp = [json.loads(x) for x in (out / "eval" / "4_rl" / "eval_responses.jsonl").read_text().splitlines()]
+    for dom in ("math", "transfer", "code"):
+        rows = [r for r in resp if r["domain"] == dom]
+        assert sum(r["correct"] for r in rows) / len(rows) == ev[f"{dom}_acc"], dom
+        assert sum(r["first_correct"] for r in rows) / len(rows) == ev[f"{dom}_acc_first"], dom
     rl = [x for x in report.splitlines() if x.startswith("| 4 RL 1_stem |")]  # per sub-stage: its eval and reward
     assert any("math_acc (RL's own eval, n = 1, one greedy answer)" in x for x in rl), rl
     assert any("reward_mean, first -> last step" in x for x in rl), rl
@@ -122,6 +137,42 @@ def test_math_checks_name_each_stage_against_its_goal():
     assert pipeline.math_checks([]) == []
     s2 = load_script("02_overall_sft.py", "s2_for_math_margin")                # one margin, two places
     assert pipeline.MATH_MARGIN == s2.Config().math_margin
+
+
+def test_wilson_interval_and_exact_mcnemar_against_closed_forms_and_a_naive_reference():
+    lo, hi = pipeline.wilson_interval(0, 100)                       # k = 0: [0, z^2 / (n + z^2)]
+    assert lo == 0.0 and hi == pytest.approx(1.96 ** 2 / (100 + 1.96 ** 2), abs=1e-12)
+    assert pipeline.wilson_interval(50, 100) == pytest.approx((0.4038, 0.5962), abs=1e-4)  # symmetric about 1/2
+    lo, hi = pipeline.wilson_interval(100, 100)
+    assert hi == pytest.approx(1.0, abs=1e-12) and lo == pytest.approx(1 - 1.96 ** 2 / (100 + 1.96 ** 2), abs=1e-12)
+    for k, n in ((3, 40), (23, 100), (1, 7)):                         # it solves |p - k/n| = z sqrt(p (1 - p) / n)
+        for end in pipeline.wilson_interval(k, n):
+            assert abs(end - k / n) == pytest.approx(1.96 * (end * (1 - end) / n) ** 0.5, abs=1e-9)
+    with pytest.raises(ValueError):
+        pipeline.wilson_interval(0, 0)
+
+    def naive(lost, gained):  # every outcome of n fair coins at most as likely as the one seen, in float64 loops
+        n = lost + gained
+        probs = [math.comb(n, i) * 0.5 ** n for i in range(n + 1)]
+        return min(1.0, sum(q for q in probs if q <= probs[lost] * (1 + 1e-12)))
+    assert pipeline.mcnemar_p(0, 0) == 1.0 and pipeline.mcnemar_p(3, 3) == 1.0
+    assert pipeline.mcnemar_p(0, 5) == pytest.approx(2 / 32) and pipeline.mcnemar_p(5, 0) == pipeline.mcnemar_p(0, 5)
+    assert pipeline.mcnemar_p(1, 9) == pytest.approx(2 * 11 / 1024)
+    assert pipeline.fmt_p(pipeline.mcnemar_p(0, 23)) == "< 0.001" and pipeline.fmt_p(0.0390625) == "0.039"
+    for lost, gained in ((2, 7), (10, 3), (0, 12), (14, 15), (4, 30)):  # symmetric binomial: both readings agree
+        assert pipeline.mcnemar_p(lost, gained) == pytest.approx(naive(lost, gained), rel=1e-12)
+
+
+def test_paired_outcomes_match_questions_by_prompt_and_skip_ungraded():
+    q = lambda dom, p, ok, first=None: {"domain": dom, "prompt": p, "correct": ok, "first_correct": first}  # noqa: E731
+    before = [q("math", "a", True), q("math", "b", False), q("math", "c", True), q("math", "d", None),
+              q("code", "a", False), {"domain": "math", "prompt": "e", "response": "old eval: no grades"}]
+    after = [q("math", "c", False), q("math", "b", True), q("math", "a", True), q("math", "d", True),
+             q("math", "e", True), q("math", "f", True), q("code", "a", True)]
+    assert pipeline.paired_outcomes(before, after, "math") == (3, 2, 2, 1, 1)  # a kept, b gained, c lost; d, e, f out
+    assert pipeline.paired_outcomes(before, after, "code") == (1, 0, 1, 0, 1)
+    assert pipeline.paired_outcomes(before, after, "transfer") == (0, 0, 0, 0, 0)
+    assert pipeline.paired_outcomes(before, after, "math", "first_correct") == (0, 0, 0, 0, 0)
 
 
 def test_a_failing_stage_stops_the_pipeline_with_a_clear_message(tmp_path):
