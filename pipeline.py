@@ -52,8 +52,11 @@ STAGES = (  # (name, script, flag that takes the previous stage's final/)
 # each is for; the runs behind them are in the README section of each stage.
 # - Stages 2 and 3 skip their own math and code evals: the pipeline's one eval measures every final/
 #   on the same questions. Stage 2 keeps its agent eval, stage 3 its KL and decoding speed.
-# - Stage 2: 24 steps at lr 1e-4. 12 at 2e-4 kept less of stage 1's math and taught less tool use
-#   (3/40 and 34% agent success against 7/40 and 44%: README "Stage 2").
+# - Stage 2: 36 steps at lr 1e-4, stage 1's trajectories at weight 2 (REFLECTIVE_WEIGHT). 24 steps at
+#   weight 1 (the pipeline's until 2026-12-07) lost stage 1's math (23 -> 15/100, McNemar p = 0.039);
+#   weight 2 at 24 steps halved agent success; at 36 steps math is kept (23 -> 22), the last attempt
+#   beats the first (22 vs 17) and tool use is as before (97%, 44%), for ~1 more minute (README
+#   "Stage 2"). 12 steps at 2e-4 kept less math and taught less tool use than 24 at 1e-4.
 # - Stage 3: a 29-layer student, the teacher without the one layer whose input and output hidden
 #   states are closest in angle (--layer_choice block). It learns on-policy only (--lmbda 1
 #   --divergence rkl: it samples, and learns the reverse KL to the teacher on its own tokens), at
@@ -72,7 +75,7 @@ STAGES = (  # (name, script, flag that takes the previous stage's final/)
 #   gave a mean of 15.4 on the last attempt and 16.4 on the first with 8 prompts a step (seeds 0-4
 #   with 4 prompts: 13.4 and 13.6): RL raises the first attempt, not yet the last (README "Stage 4").
 # Keys are indices into STAGES: 1 is stage 2, 2 stage 3, 3 stage 4 (stage 1 runs on its defaults).
-STAGE_FLAGS = {1: ["--math_test", "", "--max_steps", "24", "--lr", "1e-4"],
+STAGE_FLAGS = {1: ["--math_test", "", "--max_steps", "36", "--lr", "1e-4"],
                2: ["--eval_limit", "0", "--code_eval_limit", "0", "--student_layers", "29", "--layer_choice", "block",
                    "--layer_calib", "4",
                    "--lr", "2e-5", "--max_steps", "18", "--prompt_limit", "40", "--gamma", "0",
@@ -82,13 +85,14 @@ STAGE_FLAGS = {1: ["--math_test", "", "--max_steps", "24", "--lr", "1e-4"],
                    "--overlong", "masked", "--math_instruction", "", "--s2r_train", "attempts",
                    "--eval_max_new_tokens", "128"]}
 RM_FLAGS = ["--mode", "train_reward_model", "--rm_steps", "20"]
-# Stage 2's mixture (before stage 1's trajectories, `reflective=...:1`): conversation, tool use at
+# Stage 2's mixture (before stage 1's trajectories, `reflective=...:REFLECTIVE_WEIGHT`): conversation, tool use at
 # 1.5 and code tasks with their reference solutions at 0.5. Stage 1 LOSES code (17 -> 9 of the 60
 # held-out tasks: its 24 code trajectories are a sixth of ~100 seen samples, and its code
 # verifications cannot run tests at inference). From one stage 1 output (2026-12-06, 24 steps,
 # lr 1e-4; math / code / agent success on 100 / 60 / 32 held-out items): without code rows 12 / 14 /
 # 50%; code:1 and agent:1: 14 / 30 / 16%; code:0.5 and agent:1.5 (this): 11 / 24 / 47%.
 STAGE2_MIXTURE = ["chat=data/chat_train.jsonl:1", "agent=data/agent_train.jsonl:1.5", "code=data/code_train.jsonl:0.5"]
+REFLECTIVE_WEIGHT = 2  # stage 1's S2R trajectories in stage 2's mixture (see Stage 2 above)
 # The one held-out eval of every model (stage 1's eval, before the user's --eval flags): 100 of the
 # 150 math test questions and all 80 of the transfer split, not stage 1's default 40 / 40: at 40 a
 # stage's effect on math was 1-3 questions, inside the noise (four RL runs from one model: 1-5/40);
@@ -131,7 +135,7 @@ def command(cfg: Config, i: int, prev: str) -> list[str]:
     s2r = Path(cfg.out_dir) / STAGES[0][0] / "trajectories.jsonl"
     if i == 1 and cfg.reasoning != "plain":  # keep stage 1's format in stage 2's mixture
         carry = ["--data", *STAGE2_MIXTURE, *(["reasoning=data/math_train.jsonl:1"] if cfg.reasoning == "both" else []),
-                 f"reflective={s2r}:1"]
+                 f"reflective={s2r}:{REFLECTIVE_WEIGHT}"]
     if i == 0:  # stage 1's start / end evals are the first two rows of the pipeline's eval table
         carry = EVAL_FLAGS + shlex.split(cfg.eval)
     return launcher(cfg) + [str(ROOT / script), flag, prev, "--out_dir", str(Path(cfg.out_dir) / name),

@@ -49,7 +49,7 @@ def test_pipeline_chains_stages_writes_report_and_continues(tmp_path, capsys):
     assert s2["model"] == str(out / "1_cold_start_sft" / "final")
     s3 = json.loads(next((out / "3_distill").glob("ckpt-*/config.json")).read_text())
     assert s3["teacher"] == str(out / "2_overall_sft" / "final")
-    assert s2["data"][-1] == f"reflective={out / '1_cold_start_sft' / 'trajectories.jsonl'}:1"  # S2R format carried on
+    assert s2["data"][-1] == f"reflective={out / '1_cold_start_sft' / 'trajectories.jsonl'}:2"  # S2R format carried on
     report = (out / "report.md").read_text()
     assert "| 3 distill (student) | heldout_kl |" in report and "| total |" in report
     # every model through the same eval: one row each, every cell a finite number
@@ -189,7 +189,7 @@ def test_stage_2_reasoning_source_is_stage_1s_trajectories_by_default(tmp_path):
     s2r = tmp_path / "1_cold_start_sft" / "trajectories.jsonl"
     cfg = pipeline.C.parse_config(pipeline.Config, ["--out_dir", str(tmp_path), "--stage2", "--max_steps 3"])
     cmd = pipeline.command(cfg, 1, "prev/final")
-    assert f"reflective={s2r}:1" in cmd and cmd.index("--data") < cmd.index("--max_steps")
+    assert f"reflective={s2r}:{pipeline.REFLECTIVE_WEIGHT}" in cmd and cmd.index("--data") < cmd.index("--max_steps")
     assert not any("math_train" in c for c in cmd)                        # the plain CoT solutions replaced
     assert all(src in cmd for src in pipeline.STAGE2_MIXTURE) and "code=data/code_train.jsonl:0.5" in cmd
     assert "--data" not in pipeline.command(cfg, 2, "x")                 # stage 3: not touched
