@@ -408,7 +408,9 @@ def paired_lines(out: Path) -> list[str]:
     resp = {m: read_metrics(f) for m, f in files}
     pairs = list(zip(files, files[1:])) + ([(files[0], files[-1])] if len(files) > 2 else [])
     lines = ["| models | eval | right before | right after | lost | gained | McNemar p |", "|---|---|---|---|---|---|---|"]
-    pct = lambda k, n: f"{k}/{n} ({100 * wilson_interval(k, n)[0]:.0f}-{100 * wilson_interval(k, n)[1]:.0f}%)"  # noqa: E731
+    def pct(k: int, n: int) -> str:
+        lo, hi = wilson_interval(k, n)
+        return f"{k}/{n} ({100 * lo:.0f}-{100 * hi:.0f}%)"
     for (ma, _), (mb, _) in pairs:
         for dom, key, name in PAIRED:
             n, ra, rb, lost, gained = paired_outcomes(resp[ma], resp[mb], dom, key)
