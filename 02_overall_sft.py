@@ -46,8 +46,8 @@ Curriculum (`--curriculum`)
 
 Deliberate simplifications (read before trusting a number)
   * A step is a fixed number of SAMPLES (not tokens); with packing the number of rows varies, so the
-    accumulation count is derived per step (rows padded with empty rows to a multiple of world size
-    x micro_batch_size; empty rows carry no loss).
+    accumulation count is derived per step (ceil(rows / (world size x micro_batch_size)); a rank
+    left without a row runs a 1-token row with no loss).
   * easy_to_hard reorders a fixed window; it is not competence-based sampling.
   * Agent eval: greedy; the conversation is cut at the first assistant turn after the LAST user
     message (for single-question tasks, the first assistant turn); validity is measured on the

@@ -84,7 +84,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import hashlib
 import json
 import math
@@ -216,7 +215,7 @@ def _kl(p_logp: torch.Tensor, q_logp: torch.Tensor) -> torch.Tensor:
 
 def _mix(a_logp: torch.Tensor, b_logp: torch.Tensor, w: float) -> torch.Tensor:
     """log(w p_a + (1 - w) p_b), computed in log space; 0 < w < 1."""
-    return torch.logsumexp(torch.stack([a_logp + math.log(w), b_logp + math.log1p(-w)]), 0)
+    return torch.logaddexp(a_logp + math.log(w), b_logp + math.log1p(-w))
 
 
 def forward_kl(s_logp: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
@@ -308,6 +307,45 @@ def token_divergence(s_logp: torch.Tensor, t_logp: torch.Tensor, kd: KD) -> torc
     raise ValueError(f"--divergence must be one of {DIVERGENCE_NAMES}, got {kd.divergence!r}")
 
 
+def divergence_grad(s_logp: torch.Tensor, t_logp: torch.Tensor, kd: KD) -> torch.Tensor:
+    """d token_divergence(s_logp, t_logp, kd) / d s_logp, [N, K] (each entry of s_logp taken as a
+    free variable, as autograd takes it), written out so that the student's chunk needs no autograd
+    graph (_ChunkDivergence). With P = e^s, Q = e^t (s, t clamped at LOG_FLOOR, as in _kl):
+
+      fkl       -Q                                     (0 where s is at the floor, as the clamp does)
+      rkl       P (s - t + 1)
+      jsd       (1 - beta) P (s - m),       m = log M, M = beta Q + (1 - beta) P
+                (the terms through m cancel: beta Q + (1 - beta) P = M)
+      skew_fkl  -(1 - a) Q P / M,           M = a Q + (1 - a) P
+      skew_rkl  P (s - m + 1 - a P / M),    M = a P + (1 - a) Q
+      tvd       -1/2 sign(Q - P) P
+
+    jsd at beta 0 / 1 and the skews at a = 0 are fkl / rkl, as in the forward functions; the skews
+    at a = 1 are 0. Tested against autograd through token_divergence in float64."""
+    s, t = s_logp.clamp_min(LOG_FLOOR), t_logp.clamp_min(LOG_FLOOR)
+    kind, beta, a = kd.divergence, kd.beta, kd.skew
+    if kind == "jsd" and beta in (0.0, 1.0):
+        kind = "fkl" if beta == 0.0 else "rkl"
+    if kind in ("skew_fkl", "skew_rkl") and a in (0.0, 1.0):
+        if a == 1.0:
+            return torch.zeros_like(s)
+        kind = kind[5:]
+    if kind == "fkl":
+        return -t.exp().where(s_logp > LOG_FLOOR, 0.0)
+    if kind == "rkl":
+        return s.exp() * (s - t + 1)
+    if kind == "jsd":
+        return (1 - beta) * s.exp() * (s - _mix(t, s, beta).clamp_min(LOG_FLOOR))
+    if kind == "skew_fkl":
+        return -(1 - a) * (t + s - _mix(t, s, a)).exp()
+    if kind == "skew_rkl":
+        m = _mix(s, t, a)
+        return s.exp() * (s - m.clamp_min(LOG_FLOOR) + 1 - a * (s - m).exp())
+    if kind == "tvd":
+        return -0.5 * (t.exp() - s.exp()).sign() * s.exp()
+    raise ValueError(f"--divergence must be one of {DIVERGENCE_NAMES}, got {kd.divergence!r}")
+
+
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
     """log(1 - e^x) for x <= 0 (the log-mass outside a set whose log-mass is x); x = 0 gives
     log(1e-30), not -inf, so the divergences stay finite."""
@@ -358,40 +396,106 @@ def dpo_loss(logp_c: torch.Tensor, logp_r: torch.Tensor, ref_c: torch.Tensor, re
 # layer-dropped student, checking that teacher and student speak the same tokens
 
 
-def _student_chunk(h, weight, y, t_vals, t_idx, kd: KD):
-    """One chunk of positions: h [n, H], weight [V, H], y [n] labels; teacher targets t_vals
-    [n, K'] and t_idx [n, k] (or None). Returns (log p_S(y) at T = 1 [n], divergence [n])."""
-    logits = (h @ weight.t()).float()  # [n, V]: the only vocabulary-wide tensor, one chunk at a time
-    logp = logits.log_softmax(-1)
-    label_logp = logp.gather(-1, y[:, None]).squeeze(-1)
-    if t_vals is None:
-        return label_logp, torch.zeros_like(label_logp)
-    real = logits[:, :kd.vocab] if 0 < kd.vocab < logits.shape[-1] else logits  # PITFALLS #17: no padding rows
-    s = logp if kd.temperature == 1.0 and real is logits else M.process_logits(real, kd.temperature).log_softmax(-1)
-    if t_idx is not None:
-        s = on_support(s, t_idx, tail=t_vals.shape[-1] > t_idx.shape[-1])
-    return label_logp, token_divergence(s, t_vals, kd)
+def _student_support(z: torch.Tensor, t_idx, tail: bool, kd: KD, logp=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """z [n, V] fp32 student logits -> (s_full [n, V_real] = log_softmax(z_real / T), s [n, K'] the
+    same on the teacher's support: s_full itself, or on_support(s_full, t_idx, tail)). logp: the
+    log_softmax(z) already computed, reused when it is s_full (T = 1, no padding rows)."""
+    real = z[:, :kd.vocab] if 0 < kd.vocab < z.shape[-1] else z  # PITFALLS #17: no padding rows
+    same = logp is not None and real is z and kd.temperature in (0.0, 1.0)
+    s_full = logp if same else M.process_logits(real, kd.temperature).log_softmax(-1)
+    return s_full, (s_full if t_idx is None else on_support(s_full, t_idx, tail))
+
+
+class _ChunkDivergence(torch.autograd.Function):
+    """The student's side for ONE chunk of positions, with a hand-written backward.
+
+    h [n, H], w [V, H] in the compute dtype, weight: the [V, H] parameter (its gradient is returned
+    in its own dtype, so the chunks' gradients add up in fp32), y [n] labels, teacher targets t_vals
+    [n, K'] and t_idx [n, k] (or None: the whole vocabulary).
+    Forward (no graph):  z = h w^T (fp32); logp = log_softmax(z)_y (T = 1);
+                         s = log_softmax(z_real / T) on the teacher's support; div = token_divergence.
+    Backward, upstream g_lp, g_div [n]; z and s recomputed once:
+      g_s = g_div divergence_grad(s, t)                              [n, K']
+      top-k, back to [n, V_real]: the tail bucket tau = log(1 - sum_j e^u_j) of the k gathered
+        log-probs u has d tau / d u = -e^(u - tau), so g_u = g_s[:k] - g_s[k] e^(u - tau) (0 where
+        log1mexp's clamp held tau, as autograd has it); without the tail, log_softmax's backward
+        over the k; then scattered to the k columns
+      temperature: dz_real = (g_s - p_T sum g_s) / T, p_T = e^s_full    (log_softmax's backward)
+      labels: dz += g_lp (onehot(y) - p), p = softmax(z) (= p_T at T = 1: one pass for both)
+      dh = dz w,  dW = dz^T h.
+    Kept for the backward: only the inputs (PITFALLS #11: no [n, V] block outlives its chunk), as
+    in models._ChunkLogProbs. The version before this one ran autograd through the divergence under
+    activation checkpointing: every elementwise pass three times (forward, recompute, backward).
+    """
+
+    @staticmethod
+    def forward(ctx, h, w, weight, y, t_vals, t_idx, kd: KD):
+        z = h @ w.t()
+        z = z.to(torch.promote_types(z.dtype, torch.float32))  # fp32 (float64 stays, for gradcheck)
+        logp = z.log_softmax(-1)
+        label_logp = logp.gather(-1, y[:, None]).squeeze(-1)
+        tail = t_idx is not None and t_vals.shape[-1] > t_idx.shape[-1]
+        _, s = _student_support(z, t_idx, tail, kd, logp)
+        ctx.save_for_backward(h, w, y, t_vals, t_idx)
+        ctx.kd, ctx.tail, ctx.weight_dtype = kd, tail, weight.dtype
+        return label_logp, token_divergence(s, t_vals, kd)
+
+    @staticmethod
+    def backward(ctx, g_lp, g_div):
+        h, w, y, t_vals, t_idx = ctx.saved_tensors
+        kd, tail = ctx.kd, ctx.tail
+        z = h @ w.t()
+        z = z.to(torch.promote_types(z.dtype, torch.float32))
+        s_full, s = _student_support(z, t_idx, tail, kd)
+        g_s = divergence_grad(s, t_vals, kd).mul_(g_div[:, None])
+        if t_idx is not None:  # back through on_support to the full vocabulary
+            k = t_idx.shape[-1]
+            u = s[:, :k]
+            if tail:
+                live = u.logsumexp(-1, keepdim=True) < -1e-30  # log1mexp's clamp: no gradient where it held
+                g_u = g_s[:, :k] - g_s[:, k:] * (u - s[:, k:]).exp() * live
+            else:
+                g_u = g_s - u.exp() * g_s.sum(-1, keepdim=True)
+            g_s = torch.zeros_like(s_full).scatter_(-1, t_idx, g_u)
+        p_t = s_full.exp_()  # p_S at T over the real rows (in place: s_full is not needed again)
+        T = kd.temperature if kd.temperature not in (0.0, 1.0) else 1.0
+        if T == 1.0 and p_t.shape[-1] == z.shape[-1]:  # p_t is softmax(z) itself: one pass for both terms
+            dz = g_s.sub_(p_t.mul_(g_s.sum(-1, keepdim=True) + g_lp[:, None]))
+        else:
+            dz = z.softmax(-1).mul_(-g_lp[:, None])
+            dz[:, :p_t.shape[-1]] += g_s.sub_(p_t.mul_(g_s.sum(-1, keepdim=True))).div_(T)
+        dz = dz.scatter_add_(-1, y[:, None], g_lp[:, None]).to(w.dtype)
+        dh = dz @ w if ctx.needs_input_grad[0] else None
+        dweight = (dz.t() @ h).to(ctx.weight_dtype) if ctx.needs_input_grad[2] else None
+        return dh, None, dweight, None, None, None, None
 
 
 def student_chunks(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, t_vals, t_idx, kd: KD,
                    chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The student's side over N selected positions: h [N, H] hidden states, weight [V, H], y [N]
     labels, teacher targets t_vals [N, K'] / t_idx [N, k] (or None: no divergence). Returns
-    (log p_S(y) [N], divergence [N]). `chunk_size` positions at a time, each chunk under activation
-    checkpointing when grads are on, so neither forward nor backward holds more than one
-    [chunk, V] fp32 block of the student (the logits are recomputed in backward)."""
-    fn = functools.partial(_student_chunk, kd=kd)
-    lps, divs = [], []
-    for i in range(0, h.shape[0], chunk_size):
-        j = slice(i, i + chunk_size)
-        args = (h[j], weight, y[j], None if t_vals is None else t_vals[j], None if t_idx is None else t_idx[j])
-        lp, dv = (torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False) if torch.is_grad_enabled()
-                  else fn(*args))
-        lps.append(lp)
-        divs.append(dv)
-    if not lps:
+    (log p_S(y) [N], divergence [N]). `chunk_size` positions at a time (_ChunkDivergence), so
+    neither forward nor backward holds more than one [chunk, V] fp32 block of the student at a time.
+    Under autocast the projection runs in the autocast dtype, as `h @ weight.t()` would."""
+    if t_vals is None:  # no teacher targets (DPO, seq-KD rows): label log-probs only
+        lp = M.label_logprobs(h, weight, y, 1.0, chunk_size)[0]
+        return lp, torch.zeros_like(lp)
+    dev = h.device.type
+    dtype = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
+             else torch.promote_types(h.dtype, weight.dtype))
+    if h.shape[0] == 0:
         return h.new_zeros(0, dtype=torch.float32), h.new_zeros(0, dtype=torch.float32)
-    return torch.cat(lps), torch.cat(divs)
+    n, t_idx = h.shape[0], None if t_idx is None else M.pad_rows(t_idx)
+    h, y, t_vals = M.pad_rows(h.to(dtype)), M.pad_rows(y), M.pad_rows(t_vals)  # row counts that repeat
+    w = weight.detach().to(dtype)  # the compute copy; the gradient goes to `weight`
+    lps, divs = [], []
+    with torch.autocast(dev, enabled=False):
+        for i in range(0, h.shape[0], chunk_size):
+            j = slice(i, i + chunk_size)
+            lp, dv = _ChunkDivergence.apply(h[j], w, weight, y[j], t_vals[j], None if t_idx is None else t_idx[j], kd)
+            lps.append(lp)
+            divs.append(dv)
+    return torch.cat(lps)[:n], torch.cat(divs)[:n]
 
 
 @torch.no_grad()
@@ -408,7 +512,7 @@ def teacher_chunks(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, kd: K
     logp = torch.empty(N, dtype=torch.float32, device=h.device)
     for i in range(0, N, chunk_size):
         j = slice(i, i + chunk_size)
-        logits = (h[j] @ weight.t()).float()
+        logits = (M.pad_rows(h[j]) @ weight.t())[:h[j].shape[0]].float()  # a row count seen before (M.pad_rows)
         logp[j] = logits.log_softmax(-1).gather(-1, y[j, None]).squeeze(-1)
         v, ix = teacher_topk(M.process_logits(logits[:, :V], kd.temperature).log_softmax(-1), kd.top_k, kd.tail)
         vals[j] = v
@@ -1026,15 +1130,6 @@ class StepData:
 EMPTY = {"input_ids": [0], "labels": [C.IGNORE], "position_ids": [0]}
 
 
-def padded(items: list, d, mbs: int, empty) -> list:
-    """Pad a global list to a multiple of world size x micro batch, so every rank runs the same
-    number of micro-batches (FSDP2's collectives must match); padding carries no loss."""
-    items = list(items)
-    while len(items) % (d.world_size * mbs):
-        items.append(empty)
-    return items
-
-
 def kd_micro_batch(student, teacher, rows: list[dict], targets, kd: KD, w_kd: float, w_ce: float,
                    n_kd: int, n_ce: int, d, dtype, pad_id: int) -> tuple[torch.Tensor, dict]:
     """Loss of one micro-batch of packed rows: w_kd * L_token (+ w_ce * seq-KD CE on the same rows).
@@ -1065,7 +1160,7 @@ def kd_micro_batch(student, teacher, rows: list[dict], targets, kd: KD, w_kd: fl
 def dpo_micro_batch(student, pairs: list[dict], w_dpo: float, beta: float, n_pairs: int, d, dtype,
                     pad_id: int) -> tuple[torch.Tensor, dict]:
     """Loss of one micro-batch of pairs: w_dpo * sum of dpo_loss / N_pairs (chosen and rejected
-    interleaved as rows 2i and 2i+1; padding pairs are masked out)."""
+    interleaved as rows 2i and 2i+1; a None pair, C.rank_micro_batches' filler, is masked out)."""
     rows = [r for p in pairs for r in ((p["chosen"], p["rejected"]) if p else (EMPTY, EMPTY))]
     b = batch_on(rows, pad_id, d.device)
     empty = C.count_trained(b["labels"]) == 0
@@ -1090,19 +1185,17 @@ def train_step(student, teacher, opt, data: StepData, cfg: Config, kd: KD, d, dt
     """Steps 2-5 of the module docstring for one StepData; returns the step's logged figures."""
     w_kd, w_ce, w_dpo = cfg.alpha, cfg.gamma * cfg.seqkd_weight, cfg.gamma * cfg.dpo_weight
     mbs = cfg.micro_batch_size
-    # the step's work as global lists, padded; N_kd, N_ce, N_pairs from them (no collective needed)
+    # the step's work as global lists; N_kd, N_ce, N_pairs from them (no collective needed)
     kd_rows, groups = pack_groups(data.kd, cfg.max_len) if data.kd and (w_kd > 0 or data.ce is None) else ([], [])
     ce_rows = C.pack_rows(data.ce, cfg.max_len) if data.ce and w_ce > 0 else []
     n_kd = sum(n_trained(s) for s in data.kd)
     n_ce = n_kd if data.ce is None else sum(n_trained(s) for s in data.ce)
     pairs = data.pairs if w_dpo > 0 else []
     cached = bool(data.kd) and "targets" in data.kd[0]
-    units = list(zip(padded(kd_rows, d, mbs, EMPTY), padded(groups, d, mbs, [])))  # (row, its samples)
-    micro = [("kd", mb) for mb in C.rank_micro_batches(units, d, mbs)] if units else []
-    if ce_rows:
-        micro += [("ce", mb) for mb in C.rank_micro_batches(padded(ce_rows, d, mbs, EMPTY), d, mbs)]
-    if pairs:
-        micro += [("dpo", mb) for mb in C.rank_micro_batches(padded(pairs, d, mbs, None), d, mbs)]
+    units = list(zip(kd_rows, groups))  # (row, its samples)
+    micro = [("kd", mb) for mb in C.rank_micro_batches(units, d, mbs, (EMPTY, []))]
+    micro += [("ce", mb) for mb in C.rank_micro_batches(ce_rows, d, mbs, EMPTY)]
+    micro += [("dpo", mb) for mb in C.rank_micro_batches(pairs, d, mbs, None)]
     sums = Counter()
     for a, (kind, mb) in enumerate(micro):  # step 4
         if C.is_sharded(student):

@@ -887,7 +887,8 @@ def pack_rollout(prompt_ids: list[list[int]], tokens: torch.Tensor, lengths: tor
     order = sorted(range(n), key=lambda i: -len(seqs[i]))
     rows = [[order[j] for j in g] for g in C.pack_plan([len(seqs[i]) for i in order],
                                                        row_factor * max(len(x) for x in seqs))]
-    L = max(sum(len(seqs[i]) for i in g) for g in rows)  # no column that is padding in every row
+    L = max(sum(len(seqs[i]) for i in g) for g in rows)  # no column that is padding in every row,
+    L = -(-L // C.LENGTH_MULTIPLE) * C.LENGTH_MULTIPLE  # but a length seen before (C.collate's docstring)
     ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), L), C.IGNORE, dtype=torch.long)
     pos = torch.zeros((len(rows), L), dtype=torch.long)

@@ -213,6 +213,16 @@ class _ChunkLogProbs(torch.autograd.Function):
         return dh, None, dweight, None, None
 
 
+def pad_rows(x: torch.Tensor, multiple: int = C.LENGTH_MULTIPLE) -> torch.Tensor:
+    """x [n, ...] (n > 0) with its first row repeated up to a multiple of `multiple` rows. The
+    heads' GEMMs then see a row count they have seen before (oneDNN builds a bf16 kernel for each
+    new shape: common.collate's docstring; the student head's [n, V] x [V, H] backward took 20-32 ms
+    to build against ~1 ms to run, at every step, because the number of trained positions n is new
+    at every step). The caller drops the extra rows' outputs, so they get no gradient."""
+    pad = -x.shape[0] % multiple
+    return torch.cat([x, x[:1].expand(pad, *x.shape[1:])]) if pad and x.shape[0] else x
+
+
 def label_logprobs(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, temperature: float = 1.0,
                    chunk_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(y_i | h_i) and the entropy of p for N rows: h [N, H], weight [V, H], y [N] long.
@@ -226,8 +236,9 @@ def label_logprobs(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, tempe
     dev = h.device.type
     dtype = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
              else torch.promote_types(h.dtype, weight.dtype))
-    h, w = h.to(dtype), weight.detach().to(dtype)  # the compute copies; the gradient goes to `weight`
-    logps, ents = [], []
+    n = h.shape[0]
+    h, w, y = pad_rows(h.to(dtype)), weight.detach().to(dtype), pad_rows(y)  # the compute copies; the
+    logps, ents = [], []                                                      # gradient goes to `weight`
     with torch.autocast(dev, enabled=False):
         for i in range(0, h.shape[0], chunk_size):
             lp, en = _ChunkLogProbs.apply(h[i:i + chunk_size], w, weight, y[i:i + chunk_size], temperature)
@@ -235,7 +246,7 @@ def label_logprobs(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, tempe
             ents.append(en)
     if not logps:
         return (h.new_zeros(0, dtype=_fp32(h).dtype),) * 2
-    return torch.cat(logps), torch.cat(ents)
+    return torch.cat(logps)[:n], torch.cat(ents)[:n]
 
 
 def selective_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,

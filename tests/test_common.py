@@ -417,7 +417,9 @@ def test_pack_rows_and_collate():
     with pytest.raises(ValueError, match="fit_length"):
         C.pack_rows([sample(9)], 8)
 
-    b = C.collate(unpacked, pad_id=2)
+    b = C.collate(unpacked, pad_id=2)  # the longest (5), rounded up to a multiple of 32
+    assert b["input_ids"].shape == (4, C.LENGTH_MULTIPLE) and b["labels"][:, 5:].eq(IGNORE).all()
+    b = C.collate(unpacked, pad_id=2, multiple=1)
     assert b["input_ids"].shape == (4, 5) and b["input_ids"].dtype == torch.long
     assert b["input_ids"][2].tolist() == [30, 31, 2, 2, 2]
     assert b["labels"][2].tolist() == [IGNORE, 31, IGNORE, IGNORE, IGNORE]
@@ -489,16 +491,42 @@ def test_epoch_stream_indices_deterministic_and_resumable():
         C.epoch_stream_indices(0, 0, 1, 0)
 
 
-@pytest.mark.parametrize("world,mbs", [(1, 2), (2, 2), (3, 1), (4, 3)])
-def test_rank_micro_batches_cover_the_step(world, mbs):
-    rows = list(range(12))
-    per_rank = [C.rank_micro_batches(rows, C.Dist(rank=r, world_size=world), mbs) for r in range(world)]
-    accum = 12 // (world * mbs)
-    assert all(len(m) == accum and all(len(mb) == mbs for mb in m) for m in per_rank)
-    got = sorted(x for m in per_rank for mb in m for x in mb)
-    assert got == rows  # every row of the step exactly once
-    with pytest.raises(ValueError, match="divisible"):
-        C.rank_micro_batches(list(range(10)), C.Dist(rank=0, world_size=world), 4)
+@pytest.mark.parametrize("world,mbs,n", [(1, 2, 12), (2, 2, 12), (3, 1, 12), (4, 3, 12), (2, 4, 10), (4, 2, 3)])
+def test_rank_micro_batches_cover_the_step(world, mbs, n):
+    """Every row of the step exactly once over all ranks; every rank runs the same number of
+    micro-batches, ceil(n / (W x mbs)); one left with no row holds the filler (never padded)."""
+    rows = list(range(n))
+    per_rank = [C.rank_micro_batches(rows, C.Dist(rank=r, world_size=world), mbs, "E") for r in range(world)]
+    accum = -(-n // (world * mbs))
+    assert all(len(m) == accum and all(1 <= len(mb) <= mbs for mb in m) for m in per_rank)
+    got = sorted(x for m in per_rank for mb in m for x in mb if x != "E")
+    assert got == rows
+    assert sum(mb == ["E"] for m in per_rank for mb in m) == world * accum - -(-n // mbs)  # slots with no row
+    if n % (world * mbs) == 0:  # divisible: every micro-batch full
+        assert all(len(mb) == mbs for m in per_rank for mb in m)
+
+
+def test_empty_rows_are_not_run(tok, monkeypatch):
+    """A step's rows are not padded with empty rows to a multiple of world size x micro batch:
+    collated with real ones they would be padded to the longest and run in full. A last
+    micro-batch holds what is left (1 row of 4), a rank left with nothing runs one 1-token row;
+    the step's loss and weights equal those of the real rows in one micro-batch."""
+    real = C.tokenize_chat(tok, [{"role": "user", "content": "What is 2 + 3?"},
+                                 {"role": "assistant", "content": "2 + 3 = 5. The answer is 5."}])
+    shapes, collate = [], C.collate
+    monkeypatch.setattr(C, "collate", lambda rows, pad_id, **kw: shapes.append(len(rows)) or collate(rows, pad_id, **kw))
+    results = []
+    for rows, mbs, run in (([real, real], 2, [2]), ([real, real], 4, [2]), ([real, real, real], 2, [2, 1])):
+        policy = M.LogProbModel(M.tiny_model(tok, seed=0))
+        opt = C.make_optimizer(policy, 1e-3, 0.0)
+        shapes.clear()
+        res = C.sft_step(policy, opt, rows, C.Dist(), torch.float32, mbs, tok.pad_token_id, 1e-3, 1e9, 0)
+        assert shapes == run and res["rows"] == len(rows)  # rows collated per micro-batch
+        results.append((res["loss"], [p.detach().clone() for p in policy.parameters()]))
+    (loss2, w2), (loss4, w4) = results[:2]  # 2 rows in a micro-batch of 4 == the same 2 rows alone
+    assert loss4 == pytest.approx(loss2, rel=1e-6) and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(w2, w4))
+    # world size 2, one micro-batch of 2 rows between them: rank 1 is left with nothing
+    assert C.rank_micro_batches([real], C.Dist(rank=1, world_size=2), 2, "E") == [["E"]]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -119,7 +119,7 @@ def test_packed_response_forward_equals_each_sample_alone():
     lengths = gen.lengths.clone()
     lengths[0] = 3  # a short response, so rows pack more than one sample
     batch, where = rl.pack_rollout(prompts, gen.tokens, lengths, tok.pad_token_id)
-    assert batch["input_ids"].shape[0] < len(prompts)
+    assert batch["input_ids"].shape[0] < len(prompts) and batch["input_ids"].shape[1] % C.LENGTH_MULTIPLE == 0
     cpu = torch.device("cpu")
     with torch.no_grad():
         out = rl.response_forward(policy, prompts, gen.tokens, lengths, tok.pad_token_id, 0.7, cpu, return_values=True)

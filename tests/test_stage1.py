@@ -132,7 +132,7 @@ def test_mask_excludes_wrong_attempt(tok):
     # is exactly zero; trained targets get -1/N
     model = M.tiny_model(tok, seed=0)
     policy = M.LogProbModel(model)
-    b = C.collate([s], tok.pad_token_id)
+    b = C.collate([s], tok.pad_token_id, multiple=1)  # positions line up with the offsets below
     logp = policy(b["input_ids"], b["labels"])["logp"].detach().requires_grad_(True)
     n = C.count_trained(b["labels"])
     C.masked_ce_loss(logp, b["labels"], n).backward()
