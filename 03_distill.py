@@ -447,6 +447,9 @@ class _ChunkDivergence(torch.autograd.Function):
         z = h @ w.t()
         z = z.to(torch.promote_types(z.dtype, torch.float32))
         s_full, s = _student_support(z, t_idx, tail, kd)
+        T = kd.temperature if kd.temperature not in (0.0, 1.0) else 1.0
+        p = None if T == 1.0 and s_full.shape[-1] == z.shape[-1] else z.softmax(-1)  # None: p is e^s_full
+        del z  # one [n, V] block fewer held from here on (PITFALLS #11)
         g_s = divergence_grad(s, t_vals, kd).mul_(g_div[:, None])
         if t_idx is not None:  # back through on_support to the full vocabulary
             k = t_idx.shape[-1]
@@ -458,11 +461,10 @@ class _ChunkDivergence(torch.autograd.Function):
                 g_u = g_s - u.exp() * g_s.sum(-1, keepdim=True)
             g_s = torch.zeros_like(s_full).scatter_(-1, t_idx, g_u)
         p_t = s_full.exp_()  # p_S at T over the real rows (in place: s_full is not needed again)
-        T = kd.temperature if kd.temperature not in (0.0, 1.0) else 1.0
-        if T == 1.0 and p_t.shape[-1] == z.shape[-1]:  # p_t is softmax(z) itself: one pass for both terms
+        if p is None:  # p_t is softmax(z) itself: one pass for both terms
             dz = g_s.sub_(p_t.mul_(g_s.sum(-1, keepdim=True) + g_lp[:, None]))
         else:
-            dz = z.softmax(-1).mul_(-g_lp[:, None])
+            dz = p.mul_(-g_lp[:, None])
             dz[:, :p_t.shape[-1]] += g_s.sub_(p_t.mul_(g_s.sum(-1, keepdim=True))).div_(T)
         dz = dz.scatter_add_(-1, y[:, None], g_lp[:, None]).to(w.dtype)
         dh = dz @ w if ctx.needs_input_grad[0] else None
