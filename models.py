@@ -236,9 +236,9 @@ def label_logprobs(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, tempe
     dev = h.device.type
     dtype = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
              else torch.promote_types(h.dtype, weight.dtype))
-    n = h.shape[0]
-    h, w, y = pad_rows(h.to(dtype)), weight.detach().to(dtype), pad_rows(y)  # the compute copies; the
-    logps, ents = [], []                                                      # gradient goes to `weight`
+    n = h.shape[0]  # the compute copies, rows padded (pad_rows); the gradient goes to `weight`
+    h, w, y = pad_rows(h.to(dtype)), weight.detach().to(dtype), pad_rows(y)
+    logps, ents = [], []
     with torch.autocast(dev, enabled=False):
         for i in range(0, h.shape[0], chunk_size):
             lp, en = _ChunkLogProbs.apply(h[i:i + chunk_size], w, weight, y[i:i + chunk_size], temperature)
