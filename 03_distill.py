@@ -482,16 +482,13 @@ def student_chunks(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, t_val
     if t_vals is None:  # no teacher targets (DPO, seq-KD rows): label log-probs only
         lp = M.label_logprobs(h, weight, y, 1.0, chunk_size)[0]
         return lp, torch.zeros_like(lp)
-    dev = h.device.type
-    dtype = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
-             else torch.promote_types(h.dtype, weight.dtype))
     if h.shape[0] == 0:
         return h.new_zeros(0, dtype=torch.float32), h.new_zeros(0, dtype=torch.float32)
-    n, t_idx = h.shape[0], None if t_idx is None else M.pad_rows(t_idx)
+    dtype, n, t_idx = M.head_dtype(h, weight), h.shape[0], None if t_idx is None else M.pad_rows(t_idx)
     h, y, t_vals = M.pad_rows(h.to(dtype)), M.pad_rows(y), M.pad_rows(t_vals)  # row counts that repeat
     w = weight.detach().to(dtype)  # the compute copy; the gradient goes to `weight`
     lps, divs = [], []
-    with torch.autocast(dev, enabled=False):
+    with torch.autocast(h.device.type, enabled=False):
         for i in range(0, h.shape[0], chunk_size):
             j = slice(i, i + chunk_size)
             lp, dv = _ChunkDivergence.apply(h[j], w, weight, y[j], t_vals[j], None if t_idx is None else t_idx[j], kd)

@@ -223,6 +223,12 @@ def pad_rows(x: torch.Tensor, multiple: int = C.LENGTH_MULTIPLE) -> torch.Tensor
     return torch.cat([x, x[:1].expand(pad, *x.shape[1:])]) if pad and x.shape[0] else x
 
 
+def head_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype `h @ weight.t()` would run in here: autocast's where it is on, else the inputs'."""
+    dev = h.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.promote_types(h.dtype, weight.dtype)
+
+
 def label_logprobs(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, temperature: float = 1.0,
                    chunk_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(y_i | h_i) and the entropy of p for N rows: h [N, H], weight [V, H], y [N] long.
@@ -233,13 +239,10 @@ def label_logprobs(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, tempe
     block (PITFALLS #11). Under autocast the projection runs in the autocast dtype, as
     `h @ weight.t()` would; the log-softmax is fp32.
     """
-    dev = h.device.type
-    dtype = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
-             else torch.promote_types(h.dtype, weight.dtype))
-    n = h.shape[0]  # the compute copies, rows padded (pad_rows); the gradient goes to `weight`
-    h, w, y = pad_rows(h.to(dtype)), weight.detach().to(dtype), pad_rows(y)
+    dtype, n = head_dtype(h, weight), h.shape[0]
+    h, w, y = pad_rows(h.to(dtype)), weight.detach().to(dtype), pad_rows(y)  # compute copies; grads go to `weight`
     logps, ents = [], []
-    with torch.autocast(dev, enabled=False):
+    with torch.autocast(h.device.type, enabled=False):
         for i in range(0, h.shape[0], chunk_size):
             lp, en = _ChunkLogProbs.apply(h[i:i + chunk_size], w, weight, y[i:i + chunk_size], temperature)
             logps.append(lp)
