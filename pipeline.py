@@ -12,7 +12,8 @@ writes report.md with plots (matplotlib) into --out_dir.
 Started again with the same command, it continues where it stopped: a stage whose final/ exists is
 skipped; an unfinished one is started again with the same --out_dir, so it resumes from its newest
 checkpoint (each stage's --save_every, e.g. --stage1 "--save_every 10"). Wall times are kept in
-out_dir/timings.json (a resumed stage adds the time of each attempt).
+out_dir/timings.json (a resumed stage adds the time of each attempt), the machine's GEMM rate as
+each part began in gemm_rates.json (the report prints both: a wall time needs the machine's speed).
 
 Stage by stage: 01_cold_start_sft.py (from the embedded model or --model), 02_overall_sft.py
 --model <stage 1>/final (its reasoning data: stage 1's S2R trajectories, `--reasoning s2r`, beside
@@ -30,6 +31,7 @@ import os
 import platform
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -183,10 +185,34 @@ def machine() -> str:
             f"transformers {importlib.metadata.version('transformers')}; commit {commit}{dirty}")
 
 
-def run(cmd: list[str], what: str, timings: dict, tfile: Path, env=None) -> None:
-    """Run one command, add its minutes to timings[what] and the machine to machines.json[what] (kept
-    on disk: a resumed run may go on elsewhere), stop the pipeline on failure."""
+def gemm_rate(device: str, n: int = 1024, budget_s: float = 0.25) -> dict:
+    """How fast this machine multiplies right now: GFLOP/s of an n x n matrix product in the compute
+    precision the stages get from `--precision auto` (bf16 where native, else fp32), the median of
+    the products that fit in `budget_s` (at least 5) after one warm-up. Why: one 2-core host ran
+    the same code 1.5x slower in one hour than in another (its bf16 rate swung between ~600 and
+    ~2,000 GFLOP/s, README "Time and machine"), so a wall time is read beside the rate measured when
+    it began. Returns {"gflops", "dtype"}."""
+    dev = torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
+    dtype = C.resolve_dtype("auto", dev)
+    a = torch.linspace(-1, 1, n * n, device=dev).view(n, n).to(dtype)  # no random draw
+    times, start = [], time.perf_counter()
+    while len(times) < 6 or time.perf_counter() - start < budget_s:
+        t = time.perf_counter()
+        a @ a
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return {"gflops": round(2 * n ** 3 / statistics.median(times[1:]) / 1e9, 1), "dtype": str(dtype).split(".")[-1]}
+
+
+def run(cmd: list[str], what: str, timings: dict, tfile: Path, env=None, device: str = "auto") -> None:
+    """Run one command, add its minutes to timings[what], the machine to machines.json[what] (kept
+    on disk: a resumed run may go on elsewhere) and the GEMM rate measured just before it to
+    gemm_rates.json[what] (one per attempt); stop the pipeline on failure."""
     print(f"[pipeline] {what}: {shlex.join(cmd)}", flush=True)
+    rfile = tfile.with_name("gemm_rates.json")
+    rates = read_json(rfile) or {}
+    rfile.write_text(json.dumps({**rates, what: rates.get(what, []) + [gemm_rate(device)]}, indent=1))
     t0 = time.time()
     rc = subprocess.run(cmd, cwd=ROOT, env=env).returncode
     timings[what] = timings.get(what, 0.0) + (time.time() - t0) / 60
@@ -220,11 +246,11 @@ def run_stages(cfg: Config) -> dict:
                                  "give --reasoning plain for stage 2's own reasoning data")
             env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")) if cfg.nproc > 1 else None
             if i == 3 and not rm_eval_file(out).exists():
-                run(rm_command(cfg, prev), "4_reward_model", timings, tfile, env)
-            run(command(cfg, i, prev), name, timings, tfile, env)
+                run(rm_command(cfg, prev), "4_reward_model", timings, tfile, env, cfg.device)
+            run(command(cfg, i, prev), name, timings, tfile, env, cfg.device)
             shutil.rmtree(out / "eval" / name, ignore_errors=True)  # an eval of an earlier final/ is stale
         if i > 0 and not cfg.dry_run and not (out / "eval" / name / "eval_summary.json").exists():
-            run(eval_command(cfg, str(final), out / "eval" / name), f"eval_{name}", timings, tfile)
+            run(eval_command(cfg, str(final), out / "eval" / name), f"eval_{name}", timings, tfile, device=cfg.device)
         prev = str(final)
     return timings
 
@@ -554,9 +580,11 @@ def write_report(out: Path, timings: dict) -> Path:
     lines += ["", "## Each stage's own metric (before = the stage's input model, after = its output)", "",
               "| stage | metric | before | after |", "|---|---|---|---|"]
     lines += [f"| {s} | {k} | {fmt(a)} | {fmt(b)} |" for s, k, a, b in stage_rows(out) if (a, b) != (None, None)]
-    lines += ["", "| stage | wall time (min) |", "|---|---|"]
-    lines += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
-    lines += [f"| total | {sum(timings.values()):.1f} |", "", "## Training curves", ""]
+    rates = read_json(out / "gemm_rates.json") or {}
+    rate = lambda k: " / ".join(f"{r['gflops']:.0f} {r['dtype']}" for r in rates.get(k, [])) or "-"  # noqa: E731
+    lines += ["", "| stage | wall time (min) | GEMM rate as it began (GFLOP/s, `gemm_rate`) |", "|---|---|---|"]
+    lines += [f"| {k} | {v:.1f} | {rate(k)} |" for k, v in timings.items()]
+    lines += [f"| total | {sum(timings.values()):.1f} | |", "", "## Training curves", ""]
     lines += [f"![{p}]({p})" for p in plot_curves(out)]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")

@@ -68,6 +68,10 @@ def test_pipeline_chains_stages_writes_report_and_continues(tmp_path, capsys):
     machines = json.loads((out / "machines.json").read_text())  # what ran where: bf16 figures depend on the CPU
     assert set(machines) == set(t1) and len(set(machines.values())) == 1
     assert f"\nMachine: {pipeline.machine()}.\n" in report and f"{os.cpu_count()} cores" in report
+    rates = json.loads((out / "gemm_rates.json").read_text())  # the machine's speed as each part began
+    assert set(rates) == set(t1) and all(len(v) == 1 and v[0]["gflops"] > 0 for v in rates.values())
+    walls = report.split("| stage | wall time (min) |")[1].split("\n\n")[0].splitlines()[2:-1]
+    assert len(walls) == len(t1) and all(re.fullmatch(r"\| \S+ \| [\d.]+ \| \d+ b?float\d+ \|", r) for r in walls), walls
     rm_row = next(x for x in report.splitlines() if x.startswith("| 4 reward model | pairwise acc"))
     assert all(0.0 <= float(c) <= 1.0 for c in rm_row.strip("|").split("|")[2:4]), rm_row
     assert "- Reward model (stage 4, on the student): held-out pairwise accuracy" in report
@@ -105,6 +109,8 @@ def test_pipeline_chains_stages_writes_report_and_continues(tmp_path, capsys):
     assert t2["4_rl"] > t1["4_rl"] and t2["1_cold_start_sft"] == t1["1_cold_start_sft"]
     assert t2["eval_4_rl"] > t1["eval_4_rl"] and t2["eval_3_distill"] == t1["eval_3_distill"]
     assert t2["4_reward_model"] == t1["4_reward_model"]                  # its reward model was kept
+    rates2 = json.loads((out / "gemm_rates.json").read_text())
+    assert len(rates2["4_rl"]) == 2 and rates2["1_cold_start_sft"] == rates["1_cold_start_sft"]  # one per attempt
 
 
 def test_the_report_names_every_machine_a_resumed_run_went_on(tmp_path, monkeypatch):
