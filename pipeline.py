@@ -13,7 +13,8 @@ Started again with the same command, it continues where it stopped: a stage whos
 skipped; an unfinished one is started again with the same --out_dir, so it resumes from its newest
 checkpoint (each stage's --save_every, e.g. --stage1 "--save_every 10"). Wall times are kept in
 out_dir/timings.json (a resumed stage adds the time of each attempt), the machine's GEMM rate as
-each part began in gemm_rates.json (the report prints both: a wall time needs the machine's speed).
+each part began and ended in gemm_rates.json (the report prints both: a wall time needs the
+machine's speed).
 
 Stage by stage: 01_cold_start_sft.py (from the embedded model or --model), 02_overall_sft.py
 --model <stage 1>/final (its reasoning data: stage 1's S2R trajectories, `--reasoning s2r`, beside
@@ -190,8 +191,8 @@ def gemm_rate(device: str, n: int = 1024, budget_s: float = 0.25) -> dict:
     precision the stages get from `--precision auto` (bf16 where native, else fp32), the median of
     the products that fit in `budget_s` (at least 5) after one warm-up. Why: one 2-core host ran
     the same code 1.5x slower in one hour than in another (its bf16 rate swung between ~600 and
-    ~2,000 GFLOP/s, README "Time and machine"), so a wall time is read beside the rate measured when
-    it began. Returns {"gflops", "dtype"}."""
+    ~2,000 GFLOP/s, README "Time and machine"), so a wall time is read beside the rates measured as
+    it began and as it ended. Returns {"gflops", "dtype"}."""
     dev = torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
     dtype = C.resolve_dtype("auto", dev)
     a = torch.linspace(-1, 1, n * n, device=dev).view(n, n).to(dtype)  # no random draw
@@ -207,16 +208,18 @@ def gemm_rate(device: str, n: int = 1024, budget_s: float = 0.25) -> dict:
 
 def run(cmd: list[str], what: str, timings: dict, tfile: Path, env=None, device: str = "auto") -> None:
     """Run one command, add its minutes to timings[what], the machine to machines.json[what] (kept
-    on disk: a resumed run may go on elsewhere) and the GEMM rate measured just before it to
-    gemm_rates.json[what] (one per attempt); stop the pipeline on failure."""
+    on disk: a resumed run may go on elsewhere) and the GEMM rates measured just before and just
+    after it to gemm_rates.json[what] (one entry per attempt); stop the pipeline on failure."""
     print(f"[pipeline] {what}: {shlex.join(cmd)}", flush=True)
-    rfile = tfile.with_name("gemm_rates.json")
-    rates = read_json(rfile) or {}
-    rfile.write_text(json.dumps({**rates, what: rates.get(what, []) + [gemm_rate(device)]}, indent=1))
+    begin = gemm_rate(device)
     t0 = time.time()
     rc = subprocess.run(cmd, cwd=ROOT, env=env).returncode
     timings[what] = timings.get(what, 0.0) + (time.time() - t0) / 60
     tfile.write_text(json.dumps(timings, indent=1))
+    rfile = tfile.with_name("gemm_rates.json")
+    rates, rate = read_json(rfile) or {}, {"begin": begin["gflops"], "end": gemm_rate(device)["gflops"],
+                                           "dtype": begin["dtype"]}
+    rfile.write_text(json.dumps({**rates, what: rates.get(what, []) + [rate]}, indent=1))
     mfile = tfile.with_name("machines.json")
     mfile.write_text(json.dumps({**(read_json(mfile) or {}), what: machine()}, indent=1))
     if rc != 0:
@@ -581,8 +584,11 @@ def write_report(out: Path, timings: dict) -> Path:
               "| stage | metric | before | after |", "|---|---|---|---|"]
     lines += [f"| {s} | {k} | {fmt(a)} | {fmt(b)} |" for s, k, a, b in stage_rows(out) if (a, b) != (None, None)]
     rates = read_json(out / "gemm_rates.json") or {}
-    rate = lambda k: " / ".join(f"{r['gflops']:.0f} {r['dtype']}" for r in rates.get(k, [])) or "-"  # noqa: E731
-    lines += ["", "| stage | wall time (min) | GEMM rate as it began (GFLOP/s, `gemm_rate`) |", "|---|---|---|"]
+    def rate(k: str) -> str:  # "begin -> end dtype" per attempt (974bf5e wrote one "gflops" reading)
+        return " / ".join(f"{r['begin']:.0f} -> {r['end']:.0f} {r['dtype']}" if "end" in r else
+                          f"{r['gflops']:.0f} {r['dtype']}" for r in rates.get(k, [])) or "-"
+    lines += ["", "| stage | wall time (min) | GEMM rate as it began -> as it ended (GFLOP/s, `gemm_rate`) |",
+              "|---|---|---|"]
     lines += [f"| {k} | {v:.1f} | {rate(k)} |" for k, v in timings.items()]
     lines += [f"| total | {sum(timings.values()):.1f} | |", "", "## Training curves", ""]
     lines += [f"![{p}]({p})" for p in plot_curves(out)]

@@ -69,9 +69,10 @@ def test_pipeline_chains_stages_writes_report_and_continues(tmp_path, capsys):
     assert set(machines) == set(t1) and len(set(machines.values())) == 1
     assert f"\nMachine: {pipeline.machine()}.\n" in report and f"{os.cpu_count()} cores" in report
     rates = json.loads((out / "gemm_rates.json").read_text())  # the machine's speed as each part began
-    assert set(rates) == set(t1) and all(len(v) == 1 and v[0]["gflops"] > 0 for v in rates.values())
+    assert set(rates) == set(t1) and all(len(v) == 1 and v[0]["begin"] > 0 and v[0]["end"] > 0 for v in rates.values())
     walls = report.split("| stage | wall time (min) |")[1].split("\n\n")[0].splitlines()[2:-1]
-    assert len(walls) == len(t1) and all(re.fullmatch(r"\| \S+ \| [\d.]+ \| \d+ b?float\d+ \|", r) for r in walls), walls
+    assert len(walls) == len(t1) and all(re.fullmatch(r"\| \S+ \| [\d.]+ \| \d+ -> \d+ b?float\d+ \|", r)
+                                         for r in walls), walls
     rm_row = next(x for x in report.splitlines() if x.startswith("| 4 reward model | pairwise acc"))
     assert all(0.0 <= float(c) <= 1.0 for c in rm_row.strip("|").split("|")[2:4]), rm_row
     assert "- Reward model (stage 4, on the student): held-out pairwise accuracy" in report
