@@ -249,8 +249,8 @@ def run_stages(cfg: Config) -> dict:
                                  "give --reasoning plain for stage 2's own reasoning data")
             env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")) if cfg.nproc > 1 else None
             if i == 3 and not rm_eval_file(out).exists():
-                run(rm_command(cfg, prev), "4_reward_model", timings, tfile, env, cfg.device)
-            run(command(cfg, i, prev), name, timings, tfile, env, cfg.device)
+                run(rm_command(cfg, prev), "4_reward_model", timings, tfile, env, device=cfg.device)
+            run(command(cfg, i, prev), name, timings, tfile, env, device=cfg.device)
             shutil.rmtree(out / "eval" / name, ignore_errors=True)  # an eval of an earlier final/ is stale
         if i > 0 and not cfg.dry_run and not (out / "eval" / name / "eval_summary.json").exists():
             run(eval_command(cfg, str(final), out / "eval" / name), f"eval_{name}", timings, tfile, device=cfg.device)
@@ -584,6 +584,7 @@ def write_report(out: Path, timings: dict) -> Path:
               "| stage | metric | before | after |", "|---|---|---|---|"]
     lines += [f"| {s} | {k} | {fmt(a)} | {fmt(b)} |" for s, k, a, b in stage_rows(out) if (a, b) != (None, None)]
     rates = read_json(out / "gemm_rates.json") or {}
+
     def rate(k: str) -> str:  # "begin -> end dtype" per attempt (974bf5e wrote one "gflops" reading)
         return " / ".join(f"{r['begin']:.0f} -> {r['end']:.0f} {r['dtype']}" if "end" in r else
                           f"{r['gflops']:.0f} {r['dtype']}" for r in rates.get(k, [])) or "-"

@@ -68,7 +68,7 @@ def test_pipeline_chains_stages_writes_report_and_continues(tmp_path, capsys):
     machines = json.loads((out / "machines.json").read_text())  # what ran where: bf16 figures depend on the CPU
     assert set(machines) == set(t1) and len(set(machines.values())) == 1
     assert f"\nMachine: {pipeline.machine()}.\n" in report and f"{os.cpu_count()} cores" in report
-    rates = json.loads((out / "gemm_rates.json").read_text())  # the machine's speed as each part began
+    rates = json.loads((out / "gemm_rates.json").read_text())  # the machine's speed as each part began and ended
     assert set(rates) == set(t1) and all(len(v) == 1 and v[0]["begin"] > 0 and v[0]["end"] > 0 for v in rates.values())
     walls = report.split("| stage | wall time (min) |")[1].split("\n\n")[0].splitlines()[2:-1]
     assert len(walls) == len(t1) and all(re.fullmatch(r"\| \S+ \| [\d.]+ \| \d+ -> \d+ b?float\d+ \|", r)
