@@ -747,7 +747,7 @@ def make_student(teacher_lm: nn.Module, layers: list[int], intermediate: int = 0
     missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
     if missing or unexpected:
         raise ValueError(f"student from teacher: missing {missing[:4]}, unexpected {unexpected[:4]}")
-    return student
+    return M.lean_activations(student)
 
 
 def check_compatible(t_tok, s_tok, t_lm, s_lm, t_name: str, s_name: str) -> None:

@@ -2,6 +2,7 @@
 
 Tiny model and byte-level tokenizer unless marked slow (slow = the real SmolLM2 tokenizer).
 """
+import contextlib
 import json
 import math
 import random
@@ -157,6 +158,82 @@ def test_logprob_model_matches_naive(lm, temperature, chunk_size):
     want = torch.autograd.grad(-(ref_logp * w.double()).sum(), params)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def hf_rms_norm(x, w, eps):
+    """HF's LlamaRMSNorm.forward, written out (autograd differentiates it)."""
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return w * h.to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: FSDP2's mixed precision
+def test_lean_rms_norm_and_silu_mul_equal_autograd_bit_for_bit(dtype):
+    g = torch.Generator().manual_seed(3)
+    x = (3 * torch.randn(2, 7, 48, generator=g)).to(dtype).requires_grad_()
+    w = (1 + 0.1 * torch.randn(48, generator=g)).to(dtype).requires_grad_()
+    dy = torch.randn(2, 7, 48, generator=g).to(dtype)
+    want = hf_rms_norm(x, w, 1e-5)
+    got = M._RMSNorm.apply(x, w, 1e-5)
+    assert got.dtype == want.dtype and torch.equal(got, want)
+    for a, b in zip(torch.autograd.grad(got, (x, w), dy), torch.autograd.grad(want, (x, w), dy)):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    a, b = (torch.randn(2, 7, 96, generator=g).to(dtype).requires_grad_() for _ in range(2))
+    dz = torch.randn(2, 7, 96, generator=g).to(dtype)
+    want = torch.nn.functional.silu(a) * b
+    got = M._SiluMul.apply(a, b)
+    assert torch.equal(got, want)
+    for p, q in zip(torch.autograd.grad(got, (a, b), dz), torch.autograd.grad(want, (a, b), dz)):
+        assert torch.equal(p, q)
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd keeps for the backward while fn() runs."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_lean_activations_same_model_fewer_saved_tensors(tok, autocast, monkeypatch):
+    """The patched model gives HF's logits bit for bit and its gradients to fp32 rounding (the
+    residual's three gradients are summed in another order), keeps less for the backward, survives
+    deepcopy (04_rl's reference model) and gradient checkpointing; LEAN_ACTIVATIONS=0 is HF's."""
+    import copy
+    monkeypatch.setenv("LEAN_ACTIVATIONS", "0")
+    hf = M.tiny_model(tok, seed=0)
+    monkeypatch.delenv("LEAN_ACTIVATIONS")
+    lean = M.lean_activations(copy.deepcopy(hf))
+    ids = torch.randint(3, 259, (3, 20), generator=torch.Generator().manual_seed(4))
+    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
+
+    def run(model):
+        model.zero_grad(set_to_none=True)
+        with ctx():
+            logits, kept = saved_bytes(lambda: model(input_ids=ids).logits)
+        logits.float().logsumexp(-1).sum().backward()
+        return logits.detach(), {n: p.grad for n, p in model.named_parameters()}, kept
+    (l_hf, g_hf, kept_hf), (l_lean, g_lean, kept_lean) = run(hf), run(lean)
+    assert torch.equal(l_hf, l_lean)
+    for n in g_hf:
+        torch.testing.assert_close(g_lean[n], g_hf[n], rtol=1e-5, atol=1e-6)
+    cfg, n_tok = hf.config, ids.numel()  # one fp32 [B, T, H] per norm, one [B, T, I] per MLP
+    assert kept_hf - kept_lean == n_tok * ((2 * cfg.num_hidden_layers + 1) * cfg.hidden_size * 4
+                                           + cfg.num_hidden_layers * cfg.intermediate_size * (2 if autocast else 4))
+    twin = copy.deepcopy(lean)
+    assert twin.model.norm.forward.__self__ is twin.model.norm
+    assert twin.model.layers[0].mlp.forward.__self__ is twin.model.layers[0].mlp
+    lean.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lean.train()
+    l_ck, g_ck, _ = run(lean)
+    assert torch.equal(l_ck, l_hf) and all(torch.equal(g_ck[n], g_lean[n]) for n in g_hf)
+    assert "forward" not in vars(hf.model.norm) and "forward" not in vars(hf.model.layers[0].mlp)
+    assert "forward" in vars(M.tiny_model(tok, seed=0).model.norm)  # every model the stages build
 
 
 def test_masked_ce_loss_and_count_trained():
