@@ -153,21 +153,29 @@ def load_model_and_tokenizer(name: str, seed: int = 0):
 
 
 # ----------------------------------------------------------------------------------------------
-# Lean activations: the same numbers, fewer tensors kept for the backward
+# Lean activations: the same outputs, fewer tensors kept for the backward
+
+
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    """bf16 / fp16 / fp32 -> fp32; float64 stays (so gradcheck can run in float64)."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 class _RMSNorm(torch.autograd.Function):
-    """HF's RMSNorm, y = w * (x * r).to(x.dtype) with r = rsqrt(mean(x^2) + eps) over the last dim
-    (x cast to fp32 first), keeping x and r for the backward instead of x, r and x * r.
+    """HF's RMSNorm, y = w * h.to(x.dtype) with h = x * r, r = rsqrt(mean(x^2) + eps) over the last
+    dim (x cast to fp32 first; float64 stays, for gradcheck), keeping x and r for the backward
+    where autograd keeps x, r and h.
 
-    The forward runs HF's operations in HF's order and the backward autograd's, so both are equal
-    to HF's module bit for bit (tested): the backward recomputes h = x * r (one multiply) instead
-    of keeping it. h is a float32 [tokens, hidden] tensor, as big as the residual stream, kept by
-    every norm of the model (2 per layer + the final one). x: [..., H], w: [H]."""
+    The forward runs HF's operations in HF's order (the same y bit for bit, tested); the backward
+    recomputes h and writes the gradient out in one line (with H = x.shape[-1]):
+        dL/dx = r * (g_h - h * mean(g_h * h)),   g_h = (g * w) in fp32,   dL/dw = sum(g * h)
+    (d r / d x_i = -r^3 x_i / H), 6 passes over [tokens, H] where autograd's chain through pow,
+    mean, rsqrt and the two products takes ~11. h is a float32 [tokens, hidden] tensor kept by every
+    norm of the model (2 per layer + the final one). x: [..., H], w: [H]."""
 
     @staticmethod
     def forward(ctx, x, w, eps: float):
-        x32 = x.to(torch.float32)
+        x32 = _fp32(x)
         r = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
         ctx.save_for_backward(x, w, r)
         return w * (x32 * r).to(x.dtype)
@@ -175,13 +183,10 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, w, r = ctx.saved_tensors
-        x32 = x.to(torch.float32)
-        h = (x32 * r).to(x.dtype)
-        gw = (g * h).sum_to_size(w.shape) if ctx.needs_input_grad[1] else None
-        gh = (g * w).to(torch.float32)  # grad of h, back through .to(x.dtype)
-        gr = (gh * x32).sum(-1, keepdim=True)  # h = x * r ...
-        gv = -0.5 * gr * r.pow(3)  # ... r = rsqrt(v + eps) ...
-        gx = gh * r + (gv.expand_as(x32) / x32.shape[-1]) * (2.0 * x32)  # ... v = mean(x^2)
+        h = _fp32(x) * r
+        gw = (g * h.to(x.dtype)).sum_to_size(w.shape) if ctx.needs_input_grad[1] else None
+        gh = _fp32(g * w)
+        gx = torch.addcmul(gh, h, (gh * h).mean(-1, keepdim=True), value=-1.0).mul_(r)
         return gx.to(x.dtype), gw, None
 
 
@@ -217,9 +222,10 @@ LEAN_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")  # down(act(gate(
 def lean_activations(model: nn.Module) -> nn.Module:
     """Give the RMSNorms and SiLU MLPs of a Llama-family HF model the forwards above (in place;
     every other class is left alone). Why: what autograd keeps for the backward is most of a
-    training step's memory; these two keep 2 instead of 3 tensors each, changing no number.
-    Measured on the bench's GRPO update (BENCHMARKS.md): the tensors kept by the forward 280 ->
-    ~210 MiB. LEAN_ACTIVATIONS=0 leaves HF's modules as they are (to compare)."""
+    training step's memory; these two keep 2 instead of 3 tensors each, with HF's outputs bit for
+    bit and its gradients to fp32 rounding. Measured (BENCHMARKS.md): the bench's GRPO forward keeps
+    280 -> 216 MiB; SmolLM2-135M training at 4 x 512 tokens peaks 0.5-0.7 GiB lower.
+    LEAN_ACTIVATIONS=0 leaves HF's modules as they are (to compare)."""
     if os.environ.get("LEAN_ACTIVATIONS", "1") == "0":
         return model
     import types
@@ -244,11 +250,6 @@ def process_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     before any update; every call site goes through this function. T = 0 (greedy) scores at T=1.
     """
     return logits if temperature in (0.0, 1.0) else logits / temperature
-
-
-def _fp32(x: torch.Tensor) -> torch.Tensor:
-    """bf16 / fp16 / fp32 -> fp32; float64 stays (so gradcheck can run in float64)."""
-    return x if x.dtype == torch.float64 else x.float()
 
 
 class _ChunkLogProbs(torch.autograd.Function):
