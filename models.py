@@ -144,7 +144,7 @@ def load_model_and_tokenizer(name: str, seed: int = 0):
         model = tiny_model(tok, seed)
     else:
         path = embedded_model_dir() if name == EMBEDDED else name
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = lean_activations(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
     if tok.chat_template is None:
         raise ValueError(f"tokenizer of {name!r} has no chat template; give it one "
                          f"(tok.chat_template = ...) or use a chat model")
@@ -152,7 +152,7 @@ def load_model_and_tokenizer(name: str, seed: int = 0):
         tok.pad_token = tok.eos_token
     if model.get_input_embeddings().weight.shape[0] < len(tok):
         raise ValueError(f"tokenizer has {len(tok)} tokens but the model only {model.get_input_embeddings().weight.shape[0]}")
-    return lean_activations(model), tok  # (tiny_model has already; doing it twice is harmless)
+    return model, tok
 
 
 # ----------------------------------------------------------------------------------------------
