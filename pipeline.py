@@ -122,6 +122,9 @@ class Config:
     eval: str = C.arg("", "extra flags of the one held-out eval every model gets (stage 1's eval: math, the "
                           "transfer split, code; after EVAL_FLAGS; passed to stage 1 and to "
                           "`01_cold_start_sft.py --mode eval`)")
+    keep_checkpoints: bool = C.arg(False, "keep the ckpt-* directories (weights + AdamW state, ~1.6 GB each on "
+                                          "the default model) of stages 1-3 once their final/ is written; by "
+                                          "default they are removed and the resolved config kept as run_config.json")
     report_only: bool = C.arg(False, "only (re)write the report from the stages that finished")
     dry_run: bool = C.arg(False, "print the command lines (e.g. to launch each stage on several nodes) and stop")
 
@@ -227,6 +230,18 @@ def run(cmd: list[str], what: str, timings: dict, tfile: Path, env=None, device:
                          f"to continue from here")
 
 
+def drop_checkpoints(stage_dir: Path) -> None:
+    """A finished stage's ckpt-* directories only serve a resume that can no longer happen (final/
+    exists, so the stage is skipped): remove them, keeping the newest one's resolved config (every
+    flag the stage ran with) as run_config.json. Stage 4 removes its own."""
+    ckpts = sorted(stage_dir.glob("ckpt-??????*"))
+    done = [p for p in ckpts if (p / "config.json").exists()]
+    if done:
+        shutil.copyfile(done[-1] / "config.json", stage_dir / "run_config.json")
+    for p in ckpts:
+        shutil.rmtree(p, ignore_errors=True)
+
+
 def run_stages(cfg: Config) -> dict:
     """Run what is not finished yet; returns {stage name: minutes} (all attempts added up)."""
     if cfg.reasoning not in ("s2r", "plain", "both"):
@@ -252,6 +267,8 @@ def run_stages(cfg: Config) -> dict:
                 run(rm_command(cfg, prev), "4_reward_model", timings, tfile, env, device=cfg.device)
             run(command(cfg, i, prev), name, timings, tfile, env, device=cfg.device)
             shutil.rmtree(out / "eval" / name, ignore_errors=True)  # an eval of an earlier final/ is stale
+            if not cfg.keep_checkpoints:
+                drop_checkpoints(out / name)
         if i > 0 and not cfg.dry_run and not (out / "eval" / name / "eval_summary.json").exists():
             run(eval_command(cfg, str(final), out / "eval" / name), f"eval_{name}", timings, tfile, device=cfg.device)
         prev = str(final)

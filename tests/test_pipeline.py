@@ -45,11 +45,12 @@ def test_pipeline_chains_stages_writes_report_and_continues(tmp_path, capsys):
     for name, *_ in pipeline.STAGES:
         assert (out / name / "final" / "config.json").exists(), name
     # each stage read the previous stage's final/ (its resolved config says so)
-    s2 = json.loads(next((out / "2_overall_sft").glob("ckpt-*/config.json")).read_text())
+    s2 = json.loads((out / "2_overall_sft" / "run_config.json").read_text())
     assert s2["model"] == str(out / "1_cold_start_sft" / "final")
-    s3 = json.loads(next((out / "3_distill").glob("ckpt-*/config.json")).read_text())
+    s3 = json.loads((out / "3_distill" / "run_config.json").read_text())
     assert s3["teacher"] == str(out / "2_overall_sft" / "final")
     assert s2["data"][-1] == f"reflective={out / '1_cold_start_sft' / 'trajectories.jsonl'}:2"  # S2R format carried on
+    assert not list(out.glob("*/ckpt-*"))  # a finished stage's checkpoints are removed (--keep_checkpoints false)
     report = (out / "report.md").read_text()
     assert "| 3 distill (student) | heldout_kl |" in report and "| total |" in report
     # every model through the same eval: one row each, every cell a finite number
@@ -112,6 +113,29 @@ def test_pipeline_chains_stages_writes_report_and_continues(tmp_path, capsys):
     assert t2["4_reward_model"] == t1["4_reward_model"]                  # its reward model was kept
     rates2 = json.loads((out / "gemm_rates.json").read_text())
     assert len(rates2["4_rl"]) == 2 and rates2["1_cold_start_sft"] == rates["1_cold_start_sft"]  # one per attempt
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_finished_stages_checkpoints_are_removed_unless_kept(tmp_path, monkeypatch, keep):
+    def fake_run(cmd, what, *a, **k):  # each stage "trains": two checkpoints, an interrupted write, final/
+        if what in [n for n, *_ in pipeline.STAGES]:
+            sd = Path(cmd[cmd.index("--out_dir") + 1])
+            for step in (2, 3):
+                (sd / f"ckpt-00000{step}").mkdir(parents=True)
+                (sd / f"ckpt-00000{step}" / "config.json").write_text(json.dumps({"stage": what, "step": step}))
+            (sd / "ckpt-000004.tmp").mkdir()
+            (sd / "final").mkdir()
+            (sd / "final" / "config.json").write_text("{}")
+            (sd / "trajectories.jsonl").write_text("")
+    monkeypatch.setattr(pipeline, "run", fake_run)
+    cfg = pipeline.C.parse_config(pipeline.Config, ["--out_dir", str(tmp_path), "--keep_checkpoints", str(keep).lower()])
+    pipeline.run_stages(cfg)
+    for name, *_ in pipeline.STAGES:
+        left = sorted(p.name for p in (tmp_path / name).glob("ckpt-*"))
+        assert left == (["ckpt-000002", "ckpt-000003", "ckpt-000004.tmp"] if keep else []), name
+        assert (tmp_path / name / "final" / "config.json").exists()
+        kept = tmp_path / name / "run_config.json"       # the flags the stage ran with outlive its checkpoints
+        assert kept.exists() != keep and (keep or json.loads(kept.read_text()) == {"stage": name, "step": 3})
 
 
 def test_the_report_names_every_machine_a_resumed_run_went_on(tmp_path, monkeypatch):
