@@ -1126,9 +1126,6 @@ class StepData:
     on_policy: bool
 
 
-EMPTY = {"input_ids": [0], "labels": [C.IGNORE], "position_ids": [0]}
-
-
 def kd_micro_batch(student, teacher, rows: list[dict], targets, kd: KD, w_kd: float, w_ce: float,
                    n_kd: int, n_ce: int, d, dtype, pad_id: int) -> tuple[torch.Tensor, dict]:
     """Loss of one micro-batch of packed rows: w_kd * L_token (+ w_ce * seq-KD CE on the same rows).
@@ -1160,7 +1157,7 @@ def dpo_micro_batch(student, pairs: list[dict], w_dpo: float, beta: float, n_pai
                     pad_id: int) -> tuple[torch.Tensor, dict]:
     """Loss of one micro-batch of pairs: w_dpo * sum of dpo_loss / N_pairs (chosen and rejected
     interleaved as rows 2i and 2i+1; a None pair, C.rank_micro_batches' filler, is masked out)."""
-    rows = [r for p in pairs for r in ((p["chosen"], p["rejected"]) if p else (EMPTY, EMPTY))]
+    rows = [r for p in pairs for r in ((p["chosen"], p["rejected"]) if p else (C.EMPTY_ROW, C.EMPTY_ROW))]
     b = batch_on(rows, pad_id, d.device)
     empty = C.count_trained(b["labels"]) == 0
     valid = torch.tensor([p is not None for p in pairs], dtype=torch.float32, device=d.device)
@@ -1192,8 +1189,8 @@ def train_step(student, teacher, opt, data: StepData, cfg: Config, kd: KD, d, dt
     pairs = data.pairs if w_dpo > 0 else []
     cached = bool(data.kd) and "targets" in data.kd[0]
     units = list(zip(kd_rows, groups))  # (row, its samples)
-    micro = [("kd", mb) for mb in C.rank_micro_batches(units, d, mbs, (EMPTY, []))]
-    micro += [("ce", mb) for mb in C.rank_micro_batches(ce_rows, d, mbs, EMPTY)]
+    micro = [("kd", mb) for mb in C.rank_micro_batches(units, d, mbs, (C.EMPTY_ROW, []))]
+    micro += [("ce", mb) for mb in C.rank_micro_batches(ce_rows, d, mbs, C.EMPTY_ROW)]
     micro += [("dpo", mb) for mb in C.rank_micro_batches(pairs, d, mbs, None)]
     sums = Counter()
     for a, (kind, mb) in enumerate(micro):  # step 4

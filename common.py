@@ -508,6 +508,9 @@ def epoch_stream_indices(n: int, start: int, count: int, seed: int) -> list[int]
     return out
 
 
+EMPTY_ROW = {"input_ids": [0], "labels": [IGNORE], "position_ids": [0]}  # one token, nothing trained
+
+
 def rank_micro_batches(rows: list, d: Dist, micro_batch_size: int, empty=None) -> list[list]:
     """This rank's micro-batches of one optimizer step's global rows: micro-batch a of rank r holds
     rows[(a * W + r) * mbs : +mbs], so 1 process x accumulation N and N processes see the same rows.
@@ -576,18 +579,17 @@ def sft_step(policy: nn.Module, opt, rows: list[dict], d: Dist, dtype: torch.dty
     """
     n_in = sum(len(r["input_ids"]) for r in rows)
     n_tokens = sum(sum(l != IGNORE for l in r["labels"][1:]) for r in rows)  # step 2
-    empty = {"input_ids": [pad_id], "labels": [IGNORE], "position_ids": [0]}
-    micro = rank_micro_batches(rows, d, micro_batch_size, empty)  # step 1
+    micro = rank_micro_batches(rows, d, micro_batch_size, EMPTY_ROW)  # step 1
     loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
     for a, mb in enumerate(micro):  # step 3
         if is_sharded(policy):
             policy.set_requires_gradient_sync(a == len(micro) - 1)
         b = {k: v.to(d.device) for k, v in collate(mb, pad_id).items()}
-        empty = count_trained(b["labels"]) == 0
+        untrained = count_trained(b["labels"]) == 0
         with fwd_context(policy, d, dtype):
-            out = policy(b["input_ids"], b["labels"], position_ids=b["position_ids"], return_hidden=empty)
+            out = policy(b["input_ids"], b["labels"], position_ids=b["position_ids"], return_hidden=untrained)
             loss = masked_ce_loss(out["logp"], b["labels"], n_tokens)
-            if empty:  # no trained token here: keep every parameter in the graph so that FSDP's
+            if untrained:  # no trained token here: keep every parameter in the graph so that FSDP's
                 loss = loss + 0.0 * out["hidden"].sum()  # gradient reduce-scatter runs on every rank
         loss.backward()
         loss_sum += loss.detach().double()
