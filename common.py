@@ -36,6 +36,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 IGNORE = -100  # label value for "no loss here" (the PyTorch / HF convention)
+EMPTY_ROW = {"input_ids": [0], "labels": [IGNORE], "position_ids": [0]}  # a rank with no data runs this
 LENGTH_MULTIPLE = 32  # batch lengths (collate) and head row counts (models.pad_rows) are multiples of it
 REPO = Path(__file__).resolve().parent  # default data paths are relative to it (resolve_path)
 
@@ -506,9 +507,6 @@ def epoch_stream_indices(n: int, start: int, count: int, seed: int) -> list[int]
             perms[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
         out.append(int(perms[epoch][k]))
     return out
-
-
-EMPTY_ROW = {"input_ids": [0], "labels": [IGNORE], "position_ids": [0]}  # one token, nothing trained
 
 
 def rank_micro_batches(rows: list, d: Dist, micro_batch_size: int, empty=None) -> list[list]:
