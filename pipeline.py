@@ -11,10 +11,11 @@ writes report.md with plots (matplotlib) into --out_dir.
 
 Started again with the same command, it continues where it stopped: a stage whose final/ exists is
 skipped; an unfinished one is started again with the same --out_dir, so it resumes from its newest
-checkpoint (each stage's --save_every, e.g. --stage1 "--save_every 10"). Wall times are kept in
-out_dir/timings.json (a resumed stage adds the time of each attempt), the machine's GEMM rate as
-each part began and ended in gemm_rates.json (the report prints both: a wall time needs the
-machine's speed).
+checkpoint (each stage's --save_every, e.g. --stage1 "--save_every 10"); a finished stage's
+checkpoints are removed, its resolved config kept as run_config.json (--keep_checkpoints true keeps
+them). Wall times are kept in out_dir/timings.json (a resumed stage adds the time of each attempt),
+the machine's GEMM rate as each part began and ended in gemm_rates.json (the report prints both: a
+wall time needs the machine's speed).
 
 Stage by stage: 01_cold_start_sft.py (from the embedded model or --model), 02_overall_sft.py
 --model <stage 1>/final (its reasoning data: stage 1's S2R trajectories, `--reasoning s2r`, beside
