@@ -235,11 +235,10 @@ def drop_checkpoints(stage_dir: Path) -> None:
     """A finished stage's ckpt-* directories only serve a resume that can no longer happen (final/
     exists, so the stage is skipped): remove them, keeping the newest one's resolved config (every
     flag the stage ran with) as run_config.json. Stage 4 removes its own."""
-    ckpts = sorted(stage_dir.glob("ckpt-??????*"))
-    done = [p for p in ckpts if (p / "config.json").exists()]
-    if done:
-        shutil.copyfile(done[-1] / "config.json", stage_dir / "run_config.json")
-    for p in ckpts:
+    newest = M.latest_checkpoint(stage_dir)
+    if newest is not None:
+        shutil.copyfile(newest / "config.json", stage_dir / "run_config.json")
+    for p in stage_dir.glob("ckpt-??????*"):
         shutil.rmtree(p, ignore_errors=True)
 
 

@@ -123,6 +123,7 @@ def test_finished_stages_checkpoints_are_removed_unless_kept(tmp_path, monkeypat
             for step in (2, 3):
                 (sd / f"ckpt-00000{step}").mkdir(parents=True)
                 (sd / f"ckpt-00000{step}" / "config.json").write_text(json.dumps({"stage": what, "step": step}))
+                (sd / f"ckpt-00000{step}" / "state.json").write_text(json.dumps({"step": step}))
             (sd / "ckpt-000004.tmp").mkdir()
             (sd / "final").mkdir()
             (sd / "final" / "config.json").write_text("{}")
